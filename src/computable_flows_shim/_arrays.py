@@ -1,0 +1,329 @@
+"""One Zarr v3 array in a local directory: metadata, chunk layout, chunk bytes.
+
+Every array this package writes uses exactly two codecs, ``bytes`` (little
+endian) then ``crc32c``, or ``vlen-utf8`` then ``crc32c`` for text columns, and
+every chunk file is written, even an all-zero one, so a missing file is damage.
+Chunks of numeric arrays are C-contiguous slabs of the array (shape
+``(1, ..., 1, k, n_{i+1}, ..., n_last)``), so a chunk is one ``writev`` from the
+array's own memory and one ``readinto`` into the restored array: no copy in
+between.  See spec/FORMAT.md, "Arrays".
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import crc32c as _crc
+import numcodecs
+import numpy as np
+
+from . import _spec as S
+from ._dtypes import fill_value_json, from_zarr_name, zarr_name
+from .errors import CheckpointCorruptError, CheckpointFormatError
+
+TARGET_CHUNK_BYTES = 4 << 20
+"""Numeric chunks hold at most this many bytes (unless one row is larger)."""
+MAX_METADATA_BYTES = 16 << 20
+"""A zarr.json larger than this is refused (bounded memory on hostile input)."""
+STRING = "string"
+_VLEN = numcodecs.VLenUTF8()
+
+
+def slab_chunk_shape(shape: tuple[int, ...], itemsize: int, target: int = TARGET_CHUNK_BYTES) -> tuple[int, ...]:
+    """The largest C-contiguous slab chunk of at most ``target`` bytes."""
+    chunk = [1] * len(shape)
+    rest = max(itemsize, 1)
+    for i in range(len(shape) - 1, -1, -1):
+        n = max(shape[i], 1)
+        if rest * n <= target:
+            chunk[i] = n
+            rest *= n
+        else:
+            chunk[i] = max(1, target // rest)
+            break
+    return tuple(chunk)
+
+
+def _is_slab(shape: tuple[int, ...], chunk: tuple[int, ...]) -> bool:
+    """True when every chunk is one contiguous run of the C-order array."""
+    i = 0
+    while i < len(shape) and chunk[i] == 1:
+        i += 1
+    return all(chunk[j] == shape[j] for j in range(i + 1, len(shape)))
+
+
+def read_json(path: str, where: str) -> dict:
+    """Parse a zarr.json with bounded size and depth; damage becomes our errors."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_METADATA_BYTES + 1)
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{where}: missing {os.path.basename(path)}") from None
+    if len(raw) > MAX_METADATA_BYTES:
+        raise CheckpointFormatError(f"{where}: metadata larger than {MAX_METADATA_BYTES} bytes")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointCorruptError(f"{where}: unreadable metadata ({e.__class__.__name__}: {e})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointCorruptError(f"{where}: metadata is not a JSON object")
+    return doc
+
+
+@dataclass
+class Layout:
+    """Shape, dtype and chunk grid of one array, with its chunk keys."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype | None  # None for text
+    chunk_shape: tuple[int, ...]
+    separator: str = S.CHUNK_SEPARATOR
+    grid: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.grid = tuple(math.ceil(n / c) for n, c in zip(self.shape, self.chunk_shape))
+
+    @property
+    def nchunks(self) -> int:
+        return math.prod(self.grid)
+
+    def coords(self) -> Iterator[tuple[int, ...]]:
+        return iter(np.ndindex(*self.grid)) if self.grid else iter([()])
+
+    def key(self, coords: tuple[int, ...]) -> str:
+        return self.separator.join(["c", *map(str, coords)])
+
+    def region(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(j * c, min((j + 1) * c, n)) for j, c, n in zip(coords, self.chunk_shape, self.shape))
+
+
+def array_metadata(layout: Layout, dimension_names: list[str], attributes: dict) -> dict:
+    if layout.dtype is None:
+        data_type, fill, codecs = STRING, "", [{"name": "vlen-utf8"}]
+    else:
+        data_type = zarr_name(layout.dtype)
+        assert data_type is not None
+        fill = fill_value_json(data_type)
+        bytes_codec: dict = {"name": "bytes"}
+        if layout.dtype.itemsize > 1:
+            bytes_codec["configuration"] = {"endian": "little"}
+        codecs = [bytes_codec]
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(layout.shape),
+        "data_type": data_type,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(layout.chunk_shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": layout.separator}},
+        "fill_value": fill,
+        "codecs": [*codecs, {"name": "crc32c"}],
+        "attributes": attributes,
+        "dimension_names": dimension_names,
+    }
+
+
+def group_metadata(attributes: dict, consolidated: dict | None = None) -> dict:
+    doc: dict = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+    if consolidated is not None:
+        # zarr-python's inline consolidated metadata: lets xarray.open_zarr open the
+        # group without a warning and without listing the directory.
+        doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": consolidated}
+    return doc
+
+
+def _slab_span(layout: Layout, region: tuple[slice, ...], itemsize: int) -> tuple[int, int]:
+    """Byte offset and length of a slab chunk's valid part in the C-order array."""
+    n = math.prod(s.stop - s.start for s in region) * itemsize
+    if not layout.shape or n == 0:
+        return 0, n
+    return int(np.ravel_multi_index(tuple(s.start for s in region), layout.shape)) * itemsize, n
+
+
+def chunk_buffers(array: np.ndarray, layout: Layout, coords: tuple[int, ...]) -> list:
+    """The encoded bytes of one chunk, before the CRC, as a list of buffers."""
+    region = layout.region(coords)
+    if layout.dtype is None:
+        return [_VLEN.encode(np.asarray(array[region], dtype=object))]
+    chunk_bytes = math.prod(layout.chunk_shape) * array.itemsize
+    if _is_slab(layout.shape, layout.chunk_shape) and array.flags.c_contiguous:
+        flat = array.reshape(-1).view(np.uint8)
+        start, n = _slab_span(layout, region, array.itemsize)
+        bufs = [memoryview(flat[start:start + n])]
+        if n < chunk_bytes:  # edge chunk: Zarr stores it at full chunk shape
+            bufs.append(bytes(chunk_bytes - n))
+        return bufs
+    full = np.zeros(layout.chunk_shape, dtype=array.dtype)
+    full[tuple(slice(0, s.stop - s.start) for s in region)] = array[region]
+    return [memoryview(full.reshape(-1).view(np.uint8))]
+
+
+def write_file(path: str, bufs: list, durable: bool) -> None:
+    """Create ``path`` (never replacing), write all of ``bufs``, fsync if durable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        views = [memoryview(b).cast("B") for b in bufs if len(memoryview(b).cast("B"))]
+        while views:
+            n = os.writev(fd, views)
+            if n == 0:
+                raise OSError(errno.EIO, "short write", path)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_chunk(array: np.ndarray, layout: Layout, coords: tuple[int, ...], dirpath: str, durable: bool) -> int:
+    """Write one chunk file; returns its CRC32C (also stored in the file)."""
+    bufs = chunk_buffers(array, layout, coords)
+    crc = 0
+    for b in bufs:
+        crc = _crc.crc32c(b, crc)
+    bufs.append(crc.to_bytes(S.CRC_BYTES, "little"))
+    write_file(os.path.join(dirpath, layout.key(coords)), bufs, durable)
+    return crc
+
+
+# ---------------------------------------------------------------- reading
+
+def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
+    """Validate an array zarr.json against what format v1 writes; refuse the rest."""
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise CheckpointFormatError(f"{where}: not a Zarr v3 array")
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise CheckpointFormatError(f"{where}: bad shape {shape!r}")
+    if len(shape) > 64 or math.prod(shape) > 1 << 50:
+        raise CheckpointFormatError(f"{where}: shape {shape} too large")
+    data_type = meta.get("data_type")
+    dtype = None if data_type == STRING else from_zarr_name(data_type, where)
+    grid = meta.get("chunk_grid")
+    try:
+        assert isinstance(grid, dict) and grid.get("name") == "regular"
+        chunk = grid["configuration"]["chunk_shape"]
+        assert isinstance(chunk, list) and len(chunk) == len(shape)
+        assert all(isinstance(c, int) and not isinstance(c, bool) and 0 < c <= 1 << 40 for c in chunk)
+    except (AssertionError, KeyError, TypeError):
+        raise CheckpointFormatError(f"{where}: unsupported chunk_grid {grid!r}") from None
+    itemsize = 1 if dtype is None else dtype.itemsize
+    if dtype is not None and math.prod(chunk) * itemsize > 1 << 32:
+        raise CheckpointFormatError(f"{where}: chunk_shape {chunk} too large")
+    cke = meta.get("chunk_key_encoding")
+    sep = cke.get("configuration", {}).get("separator", "/") if isinstance(cke, dict) else None
+    if not isinstance(cke, dict) or cke.get("name") != "default" or sep not in (".", "/"):
+        raise CheckpointFormatError(f"{where}: unsupported chunk_key_encoding {cke!r}")
+    codecs = meta.get("codecs")
+    names = [c.get("name") for c in codecs] if isinstance(codecs, list) and all(isinstance(c, dict) for c in codecs) else None
+    expected = ["vlen-utf8", "crc32c"] if dtype is None else ["bytes", "crc32c"]
+    if names != expected:
+        raise CheckpointFormatError(f"{where}: unsupported codecs {codecs!r} (format v1 reads {expected})")
+    if dtype is not None:
+        endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+        if endian != "little" and dtype.itemsize > 1:
+            raise CheckpointFormatError(f"{where}: unsupported endian {endian!r}")
+    attrs = meta.get("attributes", {})
+    if not isinstance(attrs, dict):
+        raise CheckpointFormatError(f"{where}: attributes is not an object")
+    layout = Layout(tuple(shape), dtype, tuple(chunk), sep)
+    crcs = attrs.get(S.AA_CRC32C)
+    if (not isinstance(crcs, list) or len(crcs) != layout.nchunks
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 32 for c in crcs)):
+        raise CheckpointFormatError(f"{where}: {S.AA_CRC32C} must list one CRC32C per chunk ({layout.nchunks})")
+    return layout, crcs, attrs
+
+
+def _chunk_path(dirpath: str, layout: Layout, coords: tuple[int, ...]) -> str:
+    return os.path.join(dirpath, *layout.key(coords).split("/"))
+
+
+def _check_crc(data_crc: int, trailer: bytes, expected: int, where: str) -> None:
+    stored = int.from_bytes(trailer, "little")
+    if data_crc != stored:
+        raise CheckpointCorruptError(f"{where}: checksum mismatch (data {data_crc:#010x}, stored {stored:#010x})")
+    if stored != expected:
+        raise CheckpointCorruptError(
+            f"{where}: chunk does not match the manifest (CRC32C {stored:#010x}, expected {expected:#010x}); "
+            "it was swapped or replaced"
+        )
+
+
+def _open_nofollow(path: str, where: str):
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"{where}: chunk file missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointFormatError(f"{where}: chunk file is a symlink") from None
+        raise
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _read_small(f, size: int, where: str) -> bytes:
+    raw = f.read()
+    if len(raw) != size:
+        raise CheckpointCorruptError(f"{where}: chunk file changed while reading")
+    return raw
+
+
+def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_crc: int, where: str) -> np.ndarray:
+    """Read and check one chunk; returns its valid region (edge chunks trimmed)."""
+    cwhere = f"{where}, chunk {layout.key(coords)!r}"
+    region = layout.region(coords)
+    valid = tuple(slice(0, s.stop - s.start) for s in region)
+    with _open_nofollow(_chunk_path(dirpath, layout, coords), cwhere) as f:
+        size = os.fstat(f.fileno()).st_size
+        if layout.dtype is None:
+            if size > 1 << 31 or size < S.CRC_BYTES:
+                raise CheckpointCorruptError(f"{cwhere}: text chunk has a bad size ({size} bytes)")
+            raw = _read_small(f, size, cwhere)
+            body = raw[: -S.CRC_BYTES]
+            _check_crc(_crc.crc32c(body), raw[-S.CRC_BYTES:], expected_crc, cwhere)
+            try:
+                values = np.asarray(_VLEN.decode(body), dtype=object)
+                return values.reshape(layout.chunk_shape)[valid]
+            except (ValueError, RuntimeError, TypeError) as e:
+                raise CheckpointCorruptError(f"{cwhere}: undecodable text chunk ({e})") from None
+        chunk_bytes = math.prod(layout.chunk_shape) * layout.dtype.itemsize
+        if size != chunk_bytes + S.CRC_BYTES:
+            raise CheckpointCorruptError(
+                f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)")
+        raw = _read_small(f, size, cwhere)
+    body = memoryview(raw)[:chunk_bytes]
+    _check_crc(_crc.crc32c(body), raw[chunk_bytes:], expected_crc, cwhere)
+    return np.frombuffer(body, dtype=layout.dtype).reshape(layout.chunk_shape)[valid]
+
+
+def read_chunk_into(out: np.ndarray, layout: Layout, coords: tuple[int, ...], dirpath: str, expected_crc: int,
+                    where: str) -> None:
+    """Read, check and place one chunk of ``out`` (a full-shape array).  Slab
+    chunks are read straight into ``out``'s memory."""
+    region = layout.region(coords)
+    if layout.dtype is None or not (_is_slab(layout.shape, layout.chunk_shape) and out.flags.c_contiguous):
+        out[region] = read_chunk(layout, coords, dirpath, expected_crc, where)
+        return
+    cwhere = f"{where}, chunk {layout.key(coords)!r}"
+    itemsize = layout.dtype.itemsize
+    chunk_bytes = math.prod(layout.chunk_shape) * itemsize
+    with _open_nofollow(_chunk_path(dirpath, layout, coords), cwhere) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != chunk_bytes + S.CRC_BYTES:
+            raise CheckpointCorruptError(
+                f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)")
+        start, n = _slab_span(layout, region, itemsize)
+        dst = memoryview(out.reshape(-1).view(np.uint8))[start:start + n]
+        got = f.readinto(dst) if n else 0
+        rest = f.read()
+    if got != n or len(rest) != chunk_bytes - n + S.CRC_BYTES:
+        raise CheckpointCorruptError(f"{cwhere}: chunk file changed while reading")
+    crc = _crc.crc32c(rest[: -S.CRC_BYTES], _crc.crc32c(dst))
+    _check_crc(crc, rest[-S.CRC_BYTES:], expected_crc, cwhere)

@@ -1,0 +1,385 @@
+"""A checkpoint's content <-> one Zarr v3 group in a local directory.
+
+``write_group`` fills an (empty, staging) directory: the root ``zarr.json`` with
+the checkpoint attributes, ``state/`` with one array per pytree leaf, and
+``telemetry/`` with the columns and the events log; every file and directory is
+fsynced when ``durable``.  ``read_*`` and ``verify_group`` read it back,
+checking everything and naming the leaf and chunk of any damage.  Committing
+(rename into place) is the store's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _spec as S
+from . import _telemetry as T
+from ._arrays import (
+    STRING, Layout, array_metadata, group_metadata, parse_array, read_chunk_into, read_json, slab_chunk_shape,
+    write_chunk, write_file,
+)
+from ._tree import Leaf, check_against_target, flatten, iter_leaf_nodes, keystr, scalar_value, target_leaves, unflatten
+from ._types import PyTree
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, TargetMismatchError
+
+TELEMETRY_CHUNK = 65536
+"""Samples per telemetry chunk."""
+KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+_POOL = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="cfs-io")
+
+
+def _run_all(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``tasks`` on the I/O pool; the first failure cancels the rest and is raised."""
+    if len(tasks) <= 1:
+        return [t() for t in tasks]
+    futures: list[Future] = [_POOL.submit(t) for t in tasks]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            if not f.cancelled():
+                try:
+                    f.result()
+                except BaseException:
+                    pass
+        raise
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dump(doc: dict) -> bytes:
+    return json.dumps(doc, indent=1, allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass
+class _Array:
+    path: str  # relative to the checkpoint root, '/'-separated
+    data: np.ndarray
+    layout: Layout
+    dims: list[str]
+    attrs: dict
+
+
+def _state_arrays(leaves: list[Leaf]) -> list[_Array]:
+    out = []
+    for leaf in leaves:
+        a = np.require(leaf.array, requirements="C")
+        attrs = {S.AA_KEY_IMPL: leaf.key_impl} if leaf.key_impl else {}
+        out.append(_Array(f"{S.STATE_GROUP}/{leaf.path}", a, Layout(a.shape, a.dtype, slab_chunk_shape(a.shape, a.itemsize)),
+                          [f"{leaf.path}.d{i}" for i in range(a.ndim)], attrs))
+    return out
+
+
+def _telemetry_arrays(cols: dict[str, np.ndarray], events: list[dict]) -> list[_Array]:
+    out = []
+    for dim, group in ((S.T_SAMPLE_DIM, cols), (S.T_EVENT_DIM, T.event_columns(events))):
+        for name, col in group.items():
+            dtype = None if col.dtype == object else col.dtype
+            layout = Layout(col.shape, dtype, (max(1, min(TELEMETRY_CHUNK, len(col))),))
+            out.append(_Array(f"{S.TELEMETRY_GROUP}/{name}", col if dtype is None else np.require(col, requirements="C"),
+                              layout, [dim], {}))
+    return out
+
+
+def write_group(dirpath: str, attrs: dict, state: PyTree, telemetry_history: Any, durable: bool = True) -> dict:
+    """Write a whole checkpoint into the empty directory ``dirpath``; returns its attrs."""
+    tree, leaves = flatten(state)
+    cols, events = T.normalize(telemetry_history)
+    attrs = {**attrs, S.A_TELEMETRY_SUMMARY: T.summarize(cols, events, attrs[S.A_ITERATION]), S.A_TREE: tree}
+    arrays = _state_arrays(leaves) + _telemetry_arrays(cols, events)
+
+    groups = {"", S.STATE_GROUP, S.TELEMETRY_GROUP}
+    for arr in arrays:
+        parts = arr.path.split("/")
+        groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    dirs = sorted(groups | {a.path for a in arrays}, key=lambda p: p.count("/"))
+    for d in dirs:
+        if d:
+            os.mkdir(os.path.join(dirpath, *d.split("/")))
+
+    chunk_tasks, owners = [], []
+    for arr in arrays:
+        adir = os.path.join(dirpath, *arr.path.split("/"))
+        for coords in arr.layout.coords():
+            chunk_tasks.append(lambda a=arr, c=coords, d=adir: write_chunk(a.data, a.layout, c, d, durable))
+            owners.append(arr)
+    crcs = _run_all(chunk_tasks)
+    by_array: dict[int, list[int]] = {id(a): [] for a in arrays}
+    for arr, crc in zip(owners, crcs):
+        by_array[id(arr)].append(crc)
+
+    metas = {a.path: array_metadata(a.layout, a.dims, {**a.attrs, S.AA_CRC32C: by_array[id(a)]}) for a in arrays}
+
+    def consolidated(prefix: str) -> dict:
+        inner = {p[len(prefix) + 1:]: m for p, m in metas.items() if p.startswith(prefix + "/")}
+        inner.update({g[len(prefix) + 1:]: group_metadata({}) for g in groups if g.startswith(prefix + "/")})
+        return inner
+
+    docs: dict[str, dict] = {p: m for p, m in metas.items()}
+    for g in groups:
+        docs[g] = group_metadata({})
+    docs[""] = group_metadata(attrs)
+    docs[S.STATE_GROUP] = group_metadata({}, consolidated(S.STATE_GROUP))
+    docs[S.TELEMETRY_GROUP] = group_metadata({}, consolidated(S.TELEMETRY_GROUP))
+    _run_all([lambda p=p, d=d: write_file(os.path.join(dirpath, *p.split("/"), "zarr.json") if p else
+                                          os.path.join(dirpath, "zarr.json"), [_dump(d)], durable)
+              for p, d in docs.items()])
+    if durable:
+        _run_all([lambda d=d: _fsync_dir(os.path.join(dirpath, *d.split("/")) if d else dirpath) for d in dirs])
+    return attrs
+
+
+def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> None:
+    """Fill ``dirpath`` with ``src``'s files (hard links where possible, else copies)
+    and a new root zarr.json holding ``attrs``: a rollback costs no array I/O, and
+    deleting either checkpoint never damages the other."""
+    import shutil
+
+    dirs = [dirpath]
+    for base, subdirs, files in os.walk(src):
+        rel = os.path.relpath(base, src)
+        out = dirpath if rel == "." else os.path.join(dirpath, rel)
+        for d in subdirs:
+            os.mkdir(os.path.join(out, d))
+            dirs.append(os.path.join(out, d))
+        for f in files:
+            if rel == "." and f == "zarr.json":
+                continue
+            s, d = os.path.join(base, f), os.path.join(out, f)
+            try:
+                os.link(s, d, follow_symlinks=False)
+            except OSError:
+                shutil.copyfile(s, d, follow_symlinks=False)
+                if durable:
+                    fd = os.open(d, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+    write_file(os.path.join(dirpath, "zarr.json"), [_dump(group_metadata(attrs))], durable)
+    if durable:
+        _run_all([lambda d=d: _fsync_dir(d) for d in dirs])
+
+
+# ---------------------------------------------------------------- reading
+
+def read_attrs(dirpath: str, where: str) -> dict:
+    """The checkpoint attributes, after checking format name and version."""
+    doc = read_json(os.path.join(dirpath, "zarr.json"), where)
+    if doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+        raise CheckpointFormatError(f"{where}: root is not a Zarr v3 group")
+    attrs = doc.get("attributes")
+    if not isinstance(attrs, dict) or attrs.get(S.A_FORMAT) != S.FORMAT_NAME:
+        raise CheckpointFormatError(f"{where}: not a {S.FORMAT_NAME} checkpoint")
+    version = attrs.get(S.A_FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointFormatError(f"{where}: bad format_version {version!r}")
+    if version > S.FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{where}: format_version {version} is newer than this library reads ({S.FORMAT_VERSION}); upgrade")
+    for key, kind in ((S.A_RUN_ID, str), (S.A_CHECKPOINT_ID, str), (S.A_ITERATION, int), (S.A_TREE, dict)):
+        if not isinstance(attrs.get(key), kind) or isinstance(attrs.get(key), bool):
+            raise CheckpointFormatError(f"{where}: attribute {key!r} missing or not a {kind.__name__}")
+    return attrs
+
+
+def _safe_join(root: str, relpath: str, where: str) -> str:
+    """Join a stored '/'-path under ``root``; refuse anything that could leave it."""
+    parts = relpath.split("/")
+    if (not relpath or relpath.startswith("/") or "\\" in relpath or "\x00" in relpath
+            or any(p in ("", ".", "..") for p in parts)):
+        raise CheckpointFormatError(f"{where}: unsafe path {relpath!r}")
+    path = os.path.join(root, *parts)
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+        raise CheckpointFormatError(f"{where}: path {relpath!r} leaves the checkpoint (symlink?)")
+    return path
+
+
+@dataclass
+class StoredArray:
+    """An array of a checkpoint, its metadata parsed and checked, bytes not read."""
+
+    where: str
+    dirpath: str
+    layout: Layout
+    crcs: list[int]
+    attrs: dict
+
+    @property
+    def key_impl(self) -> str | None:
+        impl = self.attrs.get(S.AA_KEY_IMPL)
+        if impl is not None and impl not in KEY_IMPLS:
+            raise CheckpointFormatError(f"{self.where}: unknown PRNG key implementation {impl!r}")
+        return impl
+
+    def chunk_tasks(self, out: np.ndarray) -> list[Callable[[], None]]:
+        return [lambda c=c, crc=crc: read_chunk_into(out, self.layout, c, self.dirpath, crc, self.where)
+                for c, crc in zip(self.layout.coords(), self.crcs)]
+
+    def empty(self) -> np.ndarray:
+        if self.layout.dtype is None:
+            return np.empty(self.layout.shape, dtype=object)
+        return np.empty(self.layout.shape, dtype=self.layout.dtype)
+
+
+def open_array(root: str, relpath: str, where: str) -> StoredArray:
+    dirpath = _safe_join(root, relpath, where)
+    meta = read_json(os.path.join(dirpath, "zarr.json"), where)
+    layout, crcs, attrs = parse_array(meta, where)
+    return StoredArray(where, dirpath, layout, crcs, attrs)
+
+
+def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
+    outs = [a.empty() for a in arrays]
+    _run_all([t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)])
+    return outs
+
+
+def _leaf_where(checkpoint: str, kp: tuple) -> str:
+    return f"checkpoint {checkpoint!r}, leaf {keystr(kp)}"
+
+
+def _state_nodes(dirpath: str, attrs: dict, checkpoint: str) -> list[tuple[tuple, dict, StoredArray | None]]:
+    state_dir = os.path.join(dirpath, S.STATE_GROUP)
+    out = []
+    for kp, node in iter_leaf_nodes(attrs[S.A_TREE], where=f"checkpoint {checkpoint!r}"):
+        if node["kind"] == "array":
+            out.append((kp, node, open_array(state_dir, node["path"], _leaf_where(checkpoint, kp))))
+        else:
+            out.append((kp, node, None))
+    return out
+
+
+def _finish_leaf(node: dict, arr: np.ndarray, stored: StoredArray, kp: tuple, checkpoint: str) -> Any:
+    impl = stored.key_impl
+    if impl is not None:
+        try:
+            return jax.random.wrap_key_data(arr, impl=impl)
+        except (ValueError, TypeError) as e:
+            raise CheckpointFormatError(f"{_leaf_where(checkpoint, kp)}: bad PRNG key data ({e})") from None
+    return arr[()] if node.get("numpy_scalar") and arr.ndim == 0 else arr
+
+
+def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None) -> PyTree:
+    """The state pytree; with ``target``, matched and checked leaf by leaf."""
+    nodes = _state_nodes(dirpath, attrs, checkpoint)
+    if target is None:
+        stored = [s for _, _, s in nodes if s is not None]
+        values = dict(zip((id(s) for s in stored), read_arrays(stored)))
+        by_kp = {kp: (node, s) for kp, node, s in nodes}
+
+        def leaf_value(kp: tuple, node: dict) -> Any:
+            n, s = by_kp[kp]
+            if s is None:
+                return scalar_value(n, _leaf_where(checkpoint, kp))
+            return _finish_leaf(n, values[id(s)], s, kp, checkpoint)
+
+        return unflatten(attrs[S.A_TREE], leaf_value)
+
+    pairs, treedef = target_leaves(target)
+    by_kp = {kp: (node, s) for kp, node, s in nodes}
+    missing = [kp for kp, _ in pairs if kp not in by_kp]
+    extra = sorted(set(by_kp) - {kp for kp, _ in pairs}, key=repr)
+    if missing or extra:
+        raise TargetMismatchError(
+            f"checkpoint {checkpoint!r}: target does not match the stored tree; "
+            f"missing from checkpoint: {[keystr(k) for k in missing[:5]]}, not in target: {[keystr(k) for k in extra[:5]]}")
+    for kp, expected in pairs:
+        node, s = by_kp[kp]
+        if s is not None:
+            check_against_target(kp, expected, s.layout.shape, s.layout.dtype or np.dtype(object), s.key_impl, checkpoint)
+        elif hasattr(expected, "shape"):
+            raise TargetMismatchError(f"{_leaf_where(checkpoint, kp)}: target expects an array, stored a Python scalar")
+    stored = [by_kp[kp][1] for kp, _ in pairs if by_kp[kp][1] is not None]
+    arrays = dict(zip((id(s) for s in stored), read_arrays(stored)))  # type: ignore[arg-type]
+    values = []
+    for kp, expected in pairs:
+        node, s = by_kp[kp]
+        if s is None:
+            values.append(scalar_value(node, _leaf_where(checkpoint, kp)))
+            continue
+        v = _finish_leaf(node, arrays[id(s)], s, kp, checkpoint)
+        if isinstance(expected, (jax.Array, jax.ShapeDtypeStruct)):
+            sharding = getattr(expected, "sharding", None)
+            v = jax.device_put(v, sharding) if sharding is not None else jax.device_put(v)
+        elif isinstance(expected, np.generic) and isinstance(v, np.ndarray):
+            v = v[()]
+        values.append(v)
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def read_telemetry(dirpath: str, checkpoint: str) -> dict:
+    """The telemetry history: ``{column: 1-D array, ..., "events": [dict, ...]}``."""
+    tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
+    doc = read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
+    names = _telemetry_names(doc, checkpoint)
+    stored = [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}") for n in names]
+    cols = dict(zip(names, read_arrays(stored)))
+    ev = {k: cols.pop(k) for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD)}
+    try:
+        cols["events"] = T.events_from_columns(ev)  # type: ignore[assignment]
+    except (ValueError, TypeError) as e:
+        raise CheckpointCorruptError(f"checkpoint {checkpoint!r}, telemetry events: {e}") from None
+    return cols
+
+
+def _telemetry_names(doc: dict, checkpoint: str) -> list[str]:
+    cm = doc.get("consolidated_metadata")
+    meta = cm.get("metadata") if isinstance(cm, dict) else None
+    if not isinstance(meta, dict):
+        raise CheckpointFormatError(f"checkpoint {checkpoint!r}, telemetry: no consolidated metadata")
+    names = [n for n in meta if isinstance(n, str)]
+    for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD):
+        if k not in names:
+            raise CheckpointCorruptError(f"checkpoint {checkpoint!r}, telemetry: missing {k!r}")
+    return names
+
+
+def verify_group(dirpath: str, checkpoint: str) -> list[str]:
+    """Read every chunk of every array; return one line per problem found (empty: intact)."""
+    problems: list[str] = []
+    try:
+        attrs = read_attrs(dirpath, f"checkpoint {checkpoint!r}")
+        arrays = [s for _, _, s in _state_nodes(dirpath, attrs, checkpoint) if s is not None]
+        tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
+        tdoc = read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
+        arrays += [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")
+                   for n in _telemetry_names(tdoc, checkpoint)]
+    except CheckpointError as e:
+        return [str(e)]
+    expected_files = {os.path.join(dirpath, "zarr.json")}
+    for a in arrays:
+        out = a.empty()
+        for task in a.chunk_tasks(out):
+            try:
+                task()
+            except CheckpointError as e:
+                problems.append(str(e))
+        expected_files.add(os.path.join(a.dirpath, "zarr.json"))
+        expected_files.update(os.path.join(a.dirpath, *a.layout.key(c).split("/")) for c in a.layout.coords())
+    for base, _dirs, files in os.walk(dirpath):
+        for f in files:
+            p = os.path.join(base, f)
+            if p not in expected_files and f != "zarr.json":
+                problems.append(f"checkpoint {checkpoint!r}: unexpected file {os.path.relpath(p, dirpath)!r}")
+    return problems
+
+
+__all__ = ["write_group", "read_attrs", "read_state", "read_telemetry", "verify_group", "open_array", "STRING"]

@@ -1,0 +1,232 @@
+"""CheckpointManager: a thin composition of the codec (pytree <-> Zarr group),
+a store (where bytes go and how they commit) and retention (what to keep)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _codec
+from . import _spec as S
+from ._jsonattrs import to_json
+from ._store import LocalDirectoryStore, Store
+from ._types import CheckpointId, PyTree, RunId, Step
+from ._view import CheckpointView
+from .errors import (
+    CheckpointError, CheckpointExistsError, CheckpointFormatError, CheckpointNotFoundError, CheckpointWarning,
+    CheckpointWriteError,
+)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What listing knows about a checkpoint, from its attributes alone (no arrays read)."""
+
+    checkpoint_id: CheckpointId
+    run_id: RunId
+    iteration: Step
+    created_at: str
+    path: str
+    flow_config: dict = field(repr=False)
+    certificates: dict = field(repr=False)
+    metadata: dict = field(repr=False)
+    lineage: dict = field(repr=False)
+    telemetry_summary: dict = field(repr=False)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, path: str) -> CheckpointInfo:
+        return cls(attrs[S.A_CHECKPOINT_ID], attrs[S.A_RUN_ID], attrs[S.A_ITERATION], str(attrs.get(S.A_CREATED_AT)),
+                   path, attrs.get(S.A_FLOW_CONFIG) or {}, attrs.get(S.A_CERTIFICATES) or {},
+                   attrs.get(S.A_METADATA) or {}, attrs.get(S.A_LINEAGE) or {}, attrs.get(S.A_TELEMETRY_SUMMARY) or {})
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :meth:`CheckpointManager.verify_checkpoint`."""
+
+    checkpoint_id: CheckpointId
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class CheckpointManager:
+    """Create, list, load, roll back and clean up checkpoints in one store.
+
+    Example::
+
+        >>> import numpy as np, tempfile
+        >>> mgr = CheckpointManager(tempfile.mkdtemp())
+        >>> cid = mgr.create_checkpoint("run-a", 100, {"x": np.arange(3.0)}, {"step": 0.1})
+        >>> cid
+        'run-a-i000000000100'
+        >>> mgr.load_checkpoint(cid)["state"]["x"]
+        array([0., 1., 2.])
+    """
+
+    def __init__(self, root: str | os.PathLike | Store, *, durable: bool = True) -> None:
+        self.store: Store = root if isinstance(root, Store) else LocalDirectoryStore(root)
+        self.durable = durable
+        self.store.cleanup_stale()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.store!r})"
+
+    # ------------------------------------------------------------ writing
+    def create_checkpoint(self, run_id: RunId, iteration: Step, state: PyTree, flow_config: dict | None = None,
+                          telemetry_history: Any = None, certificates: dict | None = None,
+                          metadata: dict | None = None) -> CheckpointId:
+        """Save ``state`` (any pytree) and its context as a new, committed checkpoint.
+
+        Raises InvalidRunIdError before writing anything for a bad ``run_id``,
+        CheckpointExistsError if ``(run_id, iteration)`` is already saved, and
+        CheckpointWriteError (nothing committed, temporary removed) on I/O errors.
+        """
+        cid = S.make_checkpoint_id(run_id, iteration)
+        attrs = self._base_attrs(cid, run_id, iteration, flow_config, certificates, metadata, lineage={})
+        return self._write(cid, lambda tmp: _codec.write_group(tmp, attrs, state, telemetry_history, self.durable))
+
+    def _base_attrs(self, cid: str, run_id: str, iteration: int, flow_config: Any, certificates: Any, metadata: Any,
+                    lineage: dict) -> dict:
+        return {
+            S.A_FORMAT: S.FORMAT_NAME, S.A_FORMAT_VERSION: S.FORMAT_VERSION, S.A_CHECKPOINT_ID: cid,
+            S.A_RUN_ID: run_id, S.A_ITERATION: int(iteration), S.A_CREATED_AT: _now(),
+            S.A_FLOW_CONFIG: to_json(flow_config or {}, "flow_config"),
+            S.A_CERTIFICATES: to_json(certificates or {}, "certificates"),
+            S.A_METADATA: to_json(metadata or {}, "metadata"),
+            S.A_LINEAGE: lineage,
+        }
+
+    def _write(self, cid: str, fill) -> CheckpointId:
+        if self.store.exists(cid):
+            raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {self.store}")
+        try:
+            with self.store.staging(cid, self.durable) as (tmp, commit):
+                fill(tmp)
+                commit()
+        except CheckpointError:
+            raise
+        except OSError as e:
+            raise CheckpointWriteError(f"saving checkpoint {cid!r} failed, nothing was committed: {e}") from e
+        return cid
+
+    def rollback_to_checkpoint(self, checkpoint_id: CheckpointId, target_run_id: RunId,
+                               iteration: Step | None = None) -> CheckpointId:
+        """Branch a new run from a checkpoint: a new checkpoint in ``target_run_id``
+        with the same state and telemetry and lineage pointing back.  Array files
+        are hard-linked where the file system allows (else copied)."""
+        src = self._dir(checkpoint_id)
+        attrs = _codec.read_attrs(src, f"checkpoint {checkpoint_id!r}")
+        it = attrs[S.A_ITERATION] if iteration is None else iteration
+        cid = S.make_checkpoint_id(target_run_id, it)
+        new = {**attrs, S.A_CHECKPOINT_ID: cid, S.A_RUN_ID: target_run_id, S.A_ITERATION: int(it), S.A_CREATED_AT: _now(),
+               S.A_LINEAGE: {"rollback_from": checkpoint_id, "parent_run_id": attrs[S.A_RUN_ID],
+                             "parent_iteration": attrs[S.A_ITERATION]}}
+        new[S.A_TELEMETRY_SUMMARY] = {**attrs.get(S.A_TELEMETRY_SUMMARY, {}), "total_iterations": int(it)}
+        return self._write(cid, lambda tmp: _codec.link_group(src, tmp, new, self.durable))
+
+    # ------------------------------------------------------------ reading
+    def _dir(self, checkpoint_id: CheckpointId) -> str:
+        if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
+            raise CheckpointNotFoundError(f"{checkpoint_id!r} is not a checkpoint id (expected '<run_id>-i<iteration>')")
+        if not self.store.exists(checkpoint_id):
+            raise CheckpointNotFoundError(f"no checkpoint {checkpoint_id!r} in {self.store}")
+        return self.store.path(checkpoint_id)
+
+    def checkpoint_path(self, checkpoint_id: CheckpointId) -> str:
+        """The Zarr group's location, for zarr-python, tensorstore, xarray..."""
+        return self._dir(checkpoint_id)
+
+    def _attrs(self, checkpoint_id: CheckpointId) -> dict:
+        attrs = _codec.read_attrs(self._dir(checkpoint_id), f"checkpoint {checkpoint_id!r}")
+        if attrs[S.A_CHECKPOINT_ID] != checkpoint_id:
+            raise CheckpointFormatError(
+                f"checkpoint {checkpoint_id!r}: its attrs name it {attrs[S.A_CHECKPOINT_ID]!r} (renamed by hand?)")
+        return attrs
+
+    def load_checkpoint(self, checkpoint_id: CheckpointId, target: PyTree = None) -> dict:
+        """Read a whole checkpoint eagerly, checking every chunk.
+
+        Returns a dict with ``state`` (numpy arrays, or the target's array types
+        and shardings when ``target`` is given), ``iteration``, ``run_id``,
+        ``checkpoint_id``, ``created_at``, ``flow_config``, ``certificates``,
+        ``metadata``, ``lineage``, ``telemetry_summary`` and ``telemetry`` (columns
+        plus ``events``).
+        """
+        path = self._dir(checkpoint_id)
+        attrs = self._attrs(checkpoint_id)
+        state = _codec.read_state(path, attrs, checkpoint_id, target)
+        telemetry = _codec.read_telemetry(path, checkpoint_id)
+        info = CheckpointInfo.from_attrs(attrs, path)
+        return {
+            "state": state, "checkpoint_id": checkpoint_id, "run_id": info.run_id, "iteration": info.iteration,
+            "created_at": info.created_at, "flow_config": info.flow_config, "certificates": info.certificates,
+            "metadata": info.metadata, "lineage": info.lineage, "telemetry_summary": info.telemetry_summary,
+            "telemetry": telemetry,
+        }
+
+    def open_checkpoint(self, checkpoint_id: CheckpointId) -> CheckpointView:
+        """A lazy view: attributes now, array bytes only when sliced."""
+        return CheckpointView(self._dir(checkpoint_id), self._attrs(checkpoint_id))
+
+    def list_checkpoints(self, run_id: RunId | None = None) -> list[CheckpointInfo]:
+        """Committed checkpoints, newest first; damaged entries are skipped with a CheckpointWarning."""
+        if run_id is not None:
+            S.validate_run_id(run_id)
+        out = []
+        for name in self.store.names():
+            m = S.CHECKPOINT_ID_RE.match(name)
+            if not m:
+                warnings.warn(f"{self.store}: skipping {name!r}, not a checkpoint id", CheckpointWarning, stacklevel=2)
+                continue
+            if run_id is not None and m.group("run") != run_id:
+                continue
+            try:
+                attrs = self._attrs(name)
+            except CheckpointError as e:
+                warnings.warn(f"skipping damaged checkpoint: {e}", CheckpointWarning, stacklevel=2)
+                continue
+            except FileNotFoundError:
+                continue  # deleted while listing
+            out.append(CheckpointInfo.from_attrs(attrs, self.store.path(name)))
+        out.sort(key=lambda i: (i.created_at, i.iteration, i.checkpoint_id), reverse=True)
+        return out
+
+    def get_latest_checkpoint(self, run_id: RunId) -> CheckpointId | None:
+        """The id of ``run_id``'s checkpoint with the highest iteration, or None."""
+        infos = self.list_checkpoints(run_id)
+        return max(infos, key=lambda i: (i.iteration, i.created_at)).checkpoint_id if infos else None
+
+    def verify_checkpoint(self, checkpoint_id: CheckpointId) -> VerifyReport:
+        """Read every chunk of every array and report what is damaged."""
+        path = self._dir(checkpoint_id)
+        return VerifyReport(checkpoint_id, _codec.verify_group(path, checkpoint_id))
+
+    # ------------------------------------------------------------ removing
+    def delete_checkpoint(self, checkpoint_id: CheckpointId) -> bool:
+        """Delete atomically (it vanishes from listings at once); False if absent."""
+        if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
+            raise CheckpointNotFoundError(f"{checkpoint_id!r} is not a checkpoint id")
+        return self.store.delete(checkpoint_id)
+
+    def cleanup_old_checkpoints(self, run_id: RunId, keep_last: int = 5) -> int:
+        """Delete all but the ``keep_last`` highest-iteration checkpoints of a run; returns how many."""
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}")
+        infos = sorted(self.list_checkpoints(run_id), key=lambda i: i.iteration, reverse=True)
+        return sum(self.delete_checkpoint(i.checkpoint_id) for i in infos[keep_last:])
+
+
+__all__ = ["CheckpointManager", "CheckpointInfo", "VerifyReport"]

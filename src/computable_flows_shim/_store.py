@@ -1,0 +1,216 @@
+"""Where checkpoints live and how they commit: the store contract and the local
+directory backend.
+
+Commit protocol (spec/FORMAT.md, "Store layout and commit protocol"): a save
+writes into ``.cfs-staging/<token>/`` on the same file system while holding an
+``flock`` on ``.cfs-staging/<token>.lock``; every file and directory is fsynced;
+the directory is renamed to ``<checkpoint_id>`` with ``RENAME_NOREPLACE`` (never
+replacing a committed checkpoint); then the store directory is fsynced.  A
+staging directory whose lock nobody holds belongs to a dead writer and is the
+only thing stale-cleanup removes.
+"""
+
+from __future__ import annotations
+
+import abc
+import ctypes
+import errno
+import fcntl
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from . import _spec as S
+from .errors import CheckpointExistsError
+
+
+class Store(abc.ABC):
+    """The contract a checkpoint backend implements (small on purpose)."""
+
+    supports_rename: bool = False
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """Names of committed entries (never staging or trash)."""
+
+    @abc.abstractmethod
+    def path(self, name: str) -> str:
+        """Location of a committed entry, for readers and other tools."""
+
+    @abc.abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    def staging(self, name: str, durable: bool = True) -> contextmanager:  # type: ignore[valid-type]
+        """Context manager yielding an empty directory; ``commit(dir)`` publishes it as ``name``."""
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> bool:
+        """Remove a committed entry atomically; False if there was none."""
+
+    @abc.abstractmethod
+    def cleanup_stale(self) -> int:
+        """Remove what dead writers left behind; returns how many entries."""
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _renameat2 = _libc.renameat2
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+except (OSError, AttributeError):  # not glibc / not Linux
+    _renameat2 = None
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists (atomically where
+    the kernel offers RENAME_NOREPLACE, else via rename(2), which refuses to
+    replace a non-empty directory, and a committed checkpoint is never empty)."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(err, os.strerror(err), dst)
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), src)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(e.errno, e.strerror, dst) from None
+        raise
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalDirectoryStore(Store):
+    """Checkpoints as directories under ``root`` on a local (POSIX) file system."""
+
+    supports_rename = True
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        os.makedirs(self.root, exist_ok=True)
+        self._staging_root = os.path.join(self.root, S.STAGING_DIR)
+        self._trash_root = os.path.join(self.root, S.TRASH_DIR)
+
+    def __repr__(self) -> str:
+        return f"LocalDirectoryStore({self.root!r})"
+
+    def names(self) -> list[str]:
+        with os.scandir(self.root) as it:
+            return [e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def exists(self, name: str) -> bool:
+        return os.path.isdir(self.path(name))
+
+    def _lock(self, name: str) -> tuple[str, int]:
+        """Create and hold the lock of a fresh staging token (see module docstring)."""
+        os.makedirs(self._staging_root, exist_ok=True)
+        while True:
+            token = f"{name}.{os.getpid()}.{secrets.token_hex(6)}"
+            lock = os.path.join(self._staging_root, token + ".lock")
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    return token, fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # a cleaner took the file between create and lock: retry
+
+    @contextmanager
+    def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, object]]:
+        """Yield ``(tmpdir, commit)``; leaving without calling ``commit()`` removes tmpdir."""
+        token, fd = self._lock(name)
+        tmp = os.path.join(self._staging_root, token)
+        lock = tmp + ".lock"
+        committed = False
+
+        def commit() -> None:
+            nonlocal committed
+            try:
+                rename_noreplace(tmp, self.path(name))
+            except FileExistsError:
+                raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self.root}") from None
+            committed = True
+            if durable:
+                fsync_dir(self.root)
+
+        try:
+            os.mkdir(tmp)
+            yield tmp, commit
+        finally:
+            try:
+                if not committed:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                try:
+                    os.unlink(lock)
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+
+    def delete(self, name: str) -> bool:
+        os.makedirs(self._trash_root, exist_ok=True)
+        trash = os.path.join(self._trash_root, f"{name}.{os.getpid()}.{secrets.token_hex(6)}")
+        try:
+            os.rename(self.path(name), trash)
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def cleanup_stale(self) -> int:
+        removed = 0
+        for base in (self._staging_root, self._trash_root):
+            if not os.path.isdir(base):
+                continue
+            for entry in sorted(os.listdir(base)):
+                path = os.path.join(base, entry)
+                if base == self._trash_root:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed += 1
+                    continue
+                lock = path if entry.endswith(".lock") else path + ".lock"
+                if self._abandoned(lock):
+                    if not entry.endswith(".lock"):
+                        shutil.rmtree(path, ignore_errors=True)
+                        removed += 1
+                    try:
+                        os.unlink(lock)
+                    except FileNotFoundError:
+                        pass
+        return removed
+
+    @staticmethod
+    def _abandoned(lock: str) -> bool:
+        """True when no live process holds ``lock`` (or it is gone: writers only
+        remove their lock after their staging directory is gone)."""
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.close(fd)  # releases the lock; the writer is dead
+        return True

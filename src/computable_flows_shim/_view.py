@@ -1,0 +1,186 @@
+"""Lazy views: a checkpoint's attributes without reading arrays, its leaves as
+:class:`LazyArray` whose slicing reads (and checks) only the chunks it touches,
+and its telemetry as an ``xarray.Dataset``."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from typing import Any
+
+import numpy as np
+
+from . import _codec
+from . import _spec as S
+from ._arrays import read_chunk
+from ._tree import keystr, scalar_value, unflatten
+from ._types import PyTree
+
+
+class LazyArray:
+    """A stored array read on demand: ``a[i:j, k]`` reads only the touched chunks.
+
+    Supports basic indexing (ints, slices with steps, ``...``); ``np.asarray(a)``
+    reads everything.  PRNG-key leaves show their raw key data (``key_impl`` says
+    which implementation).
+    """
+
+    def __init__(self, stored: _codec.StoredArray, name: str) -> None:
+        self._s = stored
+        self.name = name
+        self.chunks_read = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._s.layout.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._s.layout.dtype if self._s.layout.dtype is not None else np.dtype(object)
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        return self._s.layout.chunk_shape
+
+    @property
+    def key_impl(self) -> str | None:
+        return self._s.key_impl
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: math.prod(self.shape))
+    nbytes = property(lambda self: self.size * self.dtype.itemsize)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d array")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self.name}, shape={self.shape}, dtype={self.dtype}, chunks={self.chunk_shape})"
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def _normalize(self, key: Any) -> list[int | slice]:
+        key = key if isinstance(key, tuple) else (key,)
+        if sum(k is Ellipsis for k in key) > 1:
+            raise IndexError("an index can only have a single ellipsis ('...')")
+        if Ellipsis in key:
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+        if len(key) > self.ndim:
+            raise IndexError(f"too many indices for array: array is {self.ndim}-dimensional, {len(key)} were indexed")
+        key = key + (slice(None),) * (self.ndim - len(key))
+        out: list[int | slice] = []
+        for d, (k, n) in enumerate(zip(key, self.shape)):
+            if isinstance(k, slice):
+                out.append(k)
+                continue
+            try:
+                i = operator.index(k)
+            except TypeError:
+                raise TypeError(f"{self.name}: LazyArray supports ints, slices and '...', got {type(k).__name__}") from None
+            if not -n <= i < n:
+                raise IndexError(f"index {i} is out of bounds for axis {d} with size {n}")
+            out.append(i % n)
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        idx = self._normalize(key)
+        layout = self._s.layout
+        ranges = [range(k, k + 1) if isinstance(k, int) else range(*k.indices(n)) for k, n in zip(idx, self.shape)]
+        box_lo = [min(r[0], r[-1]) if len(r) else 0 for r in ranges]
+        box_hi = [max(r[0], r[-1]) + 1 if len(r) else 0 for r in ranges]
+        buf = np.empty([hi - lo for lo, hi in zip(box_lo, box_hi)], dtype=self.dtype)
+        if buf.size:
+            per_dim = []
+            for r, c in zip(ranges, layout.chunk_shape):
+                if abs(r.step) <= c:
+                    lo, hi = min(r[0], r[-1]), max(r[0], r[-1])
+                    per_dim.append(range(lo // c, hi // c + 1))
+                else:
+                    per_dim.append(sorted({i // c for i in r}))
+            crc_index = {c: i for i, c in enumerate(layout.coords())} if per_dim else {(): 0}
+            for coords in itertools.product(*per_dim):
+                chunk = read_chunk(layout, coords, self._s.dirpath, self._s.crcs[crc_index[coords]], self._s.where)
+                self.chunks_read += 1
+                region = layout.region(coords)
+                src, dst = [], []
+                for s, lo, hi in zip(region, box_lo, box_hi):
+                    a, b = max(s.start, lo), min(s.stop, hi)
+                    src.append(slice(a - s.start, b - s.start))
+                    dst.append(slice(a - lo, b - lo))
+                buf[tuple(dst)] = chunk[tuple(src)]
+        rel = tuple(_relative(k, r, lo) for k, r, lo in zip(idx, ranges, box_lo))
+        return buf[rel]
+
+
+def _relative(k: int | slice, r: range, lo: int) -> int | slice:
+    """Index ``k`` (covering ``r``) re-expressed inside a buffer that starts at ``lo``."""
+    if isinstance(k, int):
+        return k - lo
+    if not len(r):
+        return slice(0, 0)
+    stop = r[-1] - lo + (1 if r.step > 0 else -1)
+    return slice(r.start - lo, stop if stop >= 0 else None, r.step)
+
+
+class CheckpointView:
+    """A committed checkpoint opened lazily (see ``CheckpointManager.open_checkpoint``)."""
+
+    def __init__(self, path: str, attrs: dict) -> None:
+        self.path = path
+        self.attrs = attrs
+        self._state: PyTree = None
+        self._telemetry = None
+
+    checkpoint_id = property(lambda self: self.attrs[S.A_CHECKPOINT_ID])
+    run_id = property(lambda self: self.attrs[S.A_RUN_ID])
+    iteration = property(lambda self: self.attrs[S.A_ITERATION])
+    created_at = property(lambda self: self.attrs.get(S.A_CREATED_AT))
+    flow_config = property(lambda self: self.attrs.get(S.A_FLOW_CONFIG) or {})
+    certificates = property(lambda self: self.attrs.get(S.A_CERTIFICATES) or {})
+    metadata = property(lambda self: self.attrs.get(S.A_METADATA) or {})
+    lineage = property(lambda self: self.attrs.get(S.A_LINEAGE) or {})
+    telemetry_summary = property(lambda self: self.attrs.get(S.A_TELEMETRY_SUMMARY) or {})
+
+    def __repr__(self) -> str:
+        return f"<CheckpointView {self.checkpoint_id} run={self.run_id} iteration={self.iteration}>"
+
+    @property
+    def state(self) -> PyTree:
+        """The state tree with :class:`LazyArray` leaves (metadata read now, bytes on slicing)."""
+        if self._state is None:
+            import os
+
+            state_dir = os.path.join(self.path, S.STATE_GROUP)
+
+            def leaf(kp: tuple, node: dict) -> Any:
+                where = f"checkpoint {self.checkpoint_id!r}, leaf {keystr(kp)}"
+                if node["kind"] == "scalar":
+                    return scalar_value(node, where)
+                return LazyArray(_codec.open_array(state_dir, node["path"], where), keystr(kp))
+
+            self._state = unflatten(self.attrs[S.A_TREE], leaf)
+        return self._state
+
+    @property
+    def telemetry(self):
+        """The telemetry as an ``xarray.Dataset`` (columns along ``iter``, events along ``event``)."""
+        if self._telemetry is None:
+            import xarray as xr
+
+            cols = _codec.read_telemetry(self.path, self.checkpoint_id)
+            events = cols.pop("events")
+            data = {n: (S.T_SAMPLE_DIM, c) for n, c in cols.items() if n != S.T_SAMPLE_DIM}
+            coords = {S.T_SAMPLE_DIM: cols[S.T_SAMPLE_DIM]} if S.T_SAMPLE_DIM in cols else {}
+            ds = xr.Dataset(data, coords=coords)
+            ds[S.T_EVENT_ITER] = (S.T_EVENT_DIM, np.asarray([e["iter"] for e in events], dtype=np.int64))
+            ds[S.T_EVENT_TYPE] = (S.T_EVENT_DIM, np.asarray([e["type"] for e in events], dtype=object))
+            import json
+
+            ds[S.T_EVENT_PAYLOAD] = (S.T_EVENT_DIM, np.asarray([json.dumps(e["payload"]) for e in events], dtype=object))
+            self._telemetry = ds
+        return self._telemetry

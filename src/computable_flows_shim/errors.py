@@ -1,0 +1,77 @@
+"""Every error the library raises on purpose.
+
+One base class, :class:`CheckpointError`; each subclass also inherits the builtin
+exception that callers already catch (``FileNotFoundError``, ``ValueError`` ...),
+so ``except FileNotFoundError`` keeps working for code that does not know us.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointExistsError",
+    "CheckpointCorruptError",
+    "CheckpointFormatError",
+    "InvalidRunIdError",
+    "TargetMismatchError",
+    "UnsupportedLeafError",
+    "MetadataError",
+    "CheckpointWriteError",
+    "CheckpointWarning",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error raised by computable_flows_shim on purpose."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """Raised when a checkpoint id names no committed checkpoint in the store."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """Raised when a save would replace a committed checkpoint (ids are never reused)."""
+
+
+class CheckpointCorruptError(CheckpointError, OSError):
+    """Raised when stored bytes fail a check: a checksum mismatch, a missing or
+    truncated chunk file, or metadata that does not parse.  The message names the
+    checkpoint, the leaf (array path) and the chunk."""
+
+
+class CheckpointFormatError(CheckpointError, ValueError):
+    """Raised when a checkpoint is well-formed JSON/bytes but not something this
+    version may read: another format name, a newer format version, an unknown
+    data type or codec, a path that escapes the checkpoint (see spec/FORMAT.md,
+    "What a reader must refuse")."""
+
+
+class InvalidRunIdError(CheckpointError, ValueError):
+    """Raised before anything is written when a run id could escape the store or is
+    not a portable file name."""
+
+
+class TargetMismatchError(CheckpointError, ValueError):
+    """Raised when a restore ``target`` does not match the stored tree: a leaf is
+    missing or extra, or its shape/dtype differs.  Names the key path."""
+
+
+class UnsupportedLeafError(CheckpointError, TypeError):
+    """Raised at save time for a pytree leaf or dict key the format cannot store
+    (e.g. an arbitrary Python object); names the key path."""
+
+
+class MetadataError(CheckpointError, TypeError):
+    """Raised at save time when ``flow_config``, ``certificates``, ``metadata`` or
+    the telemetry history cannot be represented as the JSON/columns the format
+    stores; names the offending key."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Raised when writing a checkpoint fails (ENOSPC, EIO, ...).  Nothing is
+    committed and the temporary is removed; ``__cause__`` holds the OS error."""
+
+
+class CheckpointWarning(UserWarning):
+    """Warned when listing skips an uncommitted or damaged entry in a store."""
