@@ -26,6 +26,7 @@ from ._arrays import (
     STRING, Layout, array_metadata, group_metadata, parse_array, read_chunk_into, read_json, slab_chunk_shape,
     write_chunk, write_file,
 )
+from ._dtypes import EXTENSION_NAMES
 from ._tree import Leaf, check_against_target, flatten, iter_leaf_nodes, keystr, scalar_value, target_leaves, unflatten
 from ._types import PyTree
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, TargetMismatchError
@@ -126,17 +127,24 @@ def write_group(dirpath: str, attrs: dict, state: PyTree, telemetry_history: Any
 
     metas = {a.path: array_metadata(a.layout, a.dims, {**a.attrs, S.AA_CRC32C: by_array[id(a)]}) for a in arrays}
 
-    def consolidated(prefix: str) -> dict:
-        inner = {p[len(prefix) + 1:]: m for p, m in metas.items() if p.startswith(prefix + "/")}
-        inner.update({g[len(prefix) + 1:]: group_metadata({}) for g in groups if g.startswith(prefix + "/")})
+    def consolidated(prefix: str) -> dict | None:
+        """zarr-python's inline consolidated metadata of everything under ``prefix``.
+
+        xarray.open_zarr(path, group=...) looks for it at the root.  A reader that
+        does not know an extension data type (zarr-python and bfloat16) fails on
+        the whole document, so it is written only where every array below uses a
+        core Zarr v3 type (spec/FORMAT.md, "Consolidated metadata")."""
+        pre = prefix + "/" if prefix else ""
+        inner = {p[len(pre):]: m for p, m in metas.items() if p.startswith(pre)}
+        if any(m["data_type"] in EXTENSION_NAMES for m in inner.values()):
+            return None
+        inner.update({g[len(pre):]: group_metadata({}) for g in groups if g.startswith(pre) and g != prefix})
         return inner
 
     docs: dict[str, dict] = {p: m for p, m in metas.items()}
     for g in groups:
-        docs[g] = group_metadata({})
-    docs[""] = group_metadata(attrs)
-    docs[S.STATE_GROUP] = group_metadata({}, consolidated(S.STATE_GROUP))
-    docs[S.TELEMETRY_GROUP] = group_metadata({}, consolidated(S.TELEMETRY_GROUP))
+        docs[g] = group_metadata({}, consolidated(g) if g in ("", S.STATE_GROUP, S.TELEMETRY_GROUP) else None)
+    docs[""] = group_metadata(attrs, consolidated(""))
     _run_all([lambda p=p, d=d: write_file(os.path.join(dirpath, *p.split("/"), "zarr.json") if p else
                                           os.path.join(dirpath, "zarr.json"), [_dump(d)], durable)
               for p, d in docs.items()])
@@ -328,8 +336,8 @@ def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None
 def read_telemetry(dirpath: str, checkpoint: str) -> dict:
     """The telemetry history: ``{column: 1-D array, ..., "events": [dict, ...]}``."""
     tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
-    doc = read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
-    names = _telemetry_names(doc, checkpoint)
+    read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
+    names = _telemetry_names(tdir, checkpoint)
     stored = [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}") for n in names]
     cols = dict(zip(names, read_arrays(stored)))
     ev = {k: cols.pop(k) for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD)}
@@ -340,12 +348,13 @@ def read_telemetry(dirpath: str, checkpoint: str) -> dict:
     return cols
 
 
-def _telemetry_names(doc: dict, checkpoint: str) -> list[str]:
-    cm = doc.get("consolidated_metadata")
-    meta = cm.get("metadata") if isinstance(cm, dict) else None
-    if not isinstance(meta, dict):
-        raise CheckpointFormatError(f"checkpoint {checkpoint!r}, telemetry: no consolidated metadata")
-    names = [n for n in meta if isinstance(n, str)]
+def _telemetry_names(tdir: str, checkpoint: str) -> list[str]:
+    """The telemetry arrays: every child directory (each must be a valid array)."""
+    try:
+        with os.scandir(tdir) as it:
+            names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"checkpoint {checkpoint!r}: telemetry group missing") from None
     for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD):
         if k not in names:
             raise CheckpointCorruptError(f"checkpoint {checkpoint!r}, telemetry: missing {k!r}")
@@ -359,9 +368,9 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
         attrs = read_attrs(dirpath, f"checkpoint {checkpoint!r}")
         arrays = [s for _, _, s in _state_nodes(dirpath, attrs, checkpoint) if s is not None]
         tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
-        tdoc = read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
+        read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
         arrays += [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")
-                   for n in _telemetry_names(tdoc, checkpoint)]
+                   for n in _telemetry_names(tdir, checkpoint)]
     except CheckpointError as e:
         return [str(e)]
     expected_files = {os.path.join(dirpath, "zarr.json")}
