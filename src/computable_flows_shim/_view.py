@@ -60,7 +60,7 @@ class LazyArray:
         return f"LazyArray({self.name}, shape={self.shape}, dtype={self.dtype}, chunks={self.chunk_shape})"
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[...]
+        out = np.asarray(self[...])
         return out if dtype is None else out.astype(dtype)
 
     def _normalize(self, key: Any) -> list[int | slice]:
@@ -114,7 +114,10 @@ class LazyArray:
                     dst.append(slice(a - lo, b - lo))
                 buf[tuple(dst)] = chunk[tuple(src)]
         rel = tuple(_relative(k, r, lo) for k, r, lo in zip(idx, ranges, box_lo))
-        return buf[rel]
+        out = buf[rel]
+        # numpy gives a 0-d array (not a scalar) for a[...]; so do we
+        has_ellipsis = key is Ellipsis or (isinstance(key, tuple) and any(k is Ellipsis for k in key))
+        return np.asarray(out) if has_ellipsis else out
 
 
 def _relative(k: int | slice, r: range, lo: int) -> int | slice:
