@@ -138,8 +138,11 @@ def write_group(dirpath: str, attrs: dict, state: PyTree, telemetry_history: Any
         inner = {p[len(pre):]: m for p, m in metas.items() if p.startswith(pre)}
         if any(m["data_type"] in EXTENSION_NAMES for m in inner.values()):
             return None
-        inner.update({g[len(pre):]: group_metadata({}) for g in groups if g.startswith(pre) and g != prefix})
-        return inner
+        # zarr-python nests a flat consolidated dict only through group entries
+        # that carry (empty) consolidated metadata of their own.
+        inner.update({g[len(pre):]: group_metadata({}, {}) for g in groups if g.startswith(pre) and g != prefix})
+        # ...and only when parents come before their children
+        return dict(sorted(inner.items(), key=lambda kv: (kv[0].count("/"), kv[0])))
 
     docs: dict[str, dict] = {p: m for p, m in metas.items()}
     for g in groups:

@@ -1,0 +1,130 @@
+"""Other tools read our checkpoints with no project code: each reader runs in a fresh
+subprocess that never imports computable_flows_shim and compares against .npy files."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+CORE = {
+    "x": np.arange(24.0).reshape(2, 3, 4), "i8": np.arange(-3, 3, dtype=np.int8), "u64": np.array([2**64 - 1], np.uint64),
+    "b": np.array([True, False, True]), "c64": np.array([1 + 2j, -3j], np.complex64), "c128": np.array([1e300 + 1j]),
+    "f16": np.array([1.5, -0.0], np.float16), "scalar": np.float64(3.25), "empty": np.zeros((0, 3), np.float32),
+    "nested": {"deep": {"w": np.arange(12, dtype=np.int32).reshape(3, 4)}},
+    "big": np.arange(2 * 1024 * 1024, dtype=np.float32).reshape(2048, 1024),  # 8 MiB: 2 chunks
+}
+EXT = {"bf16": jnp.arange(5, dtype=jnp.bfloat16), "f8": np.arange(6).astype(ml_dtypes.float8_e4m3fn),
+       "f8e5": np.arange(6).astype(ml_dtypes.float8_e5m2), "i4": np.arange(-4, 4).astype(ml_dtypes.int4)}
+HIST = {"iter": np.arange(0, 50, 10), "E": np.linspace(5, 1, 5), "grad_norm": np.logspace(0, -2, 5),
+        "phase": ["RED", "AMBER", "GREEN", "GREEN", "GREEN"],
+        "events": [{"type": "RUN_STARTED", "iter": 0}, {"type": "CHECKPOINT_CREATED", "iter": 40, "payload": {"k": 1}}]}
+
+
+def leaf_paths(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from leaf_paths(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", np.asarray(v)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from computable_flows_shim import CheckpointManager
+
+    d = tmp_path_factory.mktemp("interop")
+    mgr = CheckpointManager(d / "store")
+    core = mgr.checkpoint_path(mgr.create_checkpoint("core", 1, CORE, {"lr": 0.5}, telemetry_history=HIST))
+    ext = mgr.checkpoint_path(mgr.create_checkpoint("ext", 1, {**CORE, **EXT}, {}, telemetry_history=HIST))
+    exp = d / "expected"
+    exp.mkdir()
+    for path, a in leaf_paths({**CORE, **EXT}):
+        raw = a.view(np.uint8) if a.dtype.itemsize and a.ndim else a.reshape(1).view(np.uint8)
+        np.save(exp / (path.replace("/", "__") + ".npy"), raw)
+        (exp / (path.replace("/", "__") + ".meta")).write_text(f"{a.dtype.name};{','.join(map(str, a.shape))}")
+    return {"core": core, "ext": ext, "exp": str(exp)}
+
+
+def run_alone(code: str, **paths) -> str:
+    prelude = textwrap.dedent("""
+        import os, sys, numpy as np
+        def expected(path):
+            base = os.path.join(EXP, path.replace('/', '__'))
+            raw = np.load(base + '.npy')
+            name, shape = open(base + '.meta').read().split(';')
+            return raw, name, tuple(int(s) for s in shape.split(',') if s)
+        def same(a, path):
+            raw, name, shape = expected(path)
+            a = np.asarray(a)
+            assert a.shape == shape, (path, a.shape, shape)
+            got = a.view(np.uint8) if a.ndim else a.reshape(1).view(np.uint8)
+            assert np.array_equal(got.reshape(-1), raw.reshape(-1)), path
+    """)
+    assigns = "".join(f"{k.upper()} = {v!r}\n" for k, v in paths.items())
+    tail = "\nassert 'computable_flows_shim' not in sys.modules\nprint('OK')\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", assigns + prelude + textwrap.dedent(code) + tail],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+    return r.stdout
+
+
+def test_zarr_python_alone_reads_every_core_array(ckpt):
+    run_alone("""
+        import zarr
+        g = zarr.open_group(CORE, mode='r')
+        assert g.attrs['run_id'] == 'core' and g.attrs['flow_config'] == {'lr': 0.5}
+        n = 0
+        for path in ['x','i8','u64','b','c64','c128','f16','scalar','empty','nested/deep/w','big']:
+            a = g['state/' + path]
+            same(a[...], path); n += 1
+            assert len(set(a.metadata.dimension_names)) == a.ndim
+        assert [c.to_dict()['name'] for c in g['state/x'].metadata.codecs] == ['bytes', 'crc32c']
+        print(n)
+    """, core=ckpt["core"], exp=ckpt["exp"])
+
+
+def test_tensorstore_alone_reads_every_array_including_ml_dtypes(ckpt):
+    out = run_alone("""
+        import tensorstore as ts
+        n = 0
+        for path in ['x','i8','u64','b','c64','c128','f16','scalar','empty','nested/deep/w','big','bf16','f8','f8e5','i4']:
+            t = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': EXT + '/state/' + path}}, open=True).result()
+            raw, name, shape = expected(path)
+            assert t.dtype.name == name, (path, t.dtype.name, name)
+            same(t.read().result(), path); n += 1
+        print(n)
+    """, ext=ckpt["ext"], exp=ckpt["exp"])
+    assert "15" in out
+
+
+def test_xarray_alone_opens_telemetry_and_state(ckpt):
+    run_alone("""
+        import warnings, xarray as xr
+        warnings.simplefilter('error')
+        ds = xr.open_zarr(CORE, group='telemetry')
+        assert list(ds['iter'].values) == [0, 10, 20, 30, 40]
+        assert ds['E'].dims == ('iter',) and float(ds['E'][-1]) == 1.0
+        assert list(ds['phase'].values) == ['RED', 'AMBER', 'GREEN', 'GREEN', 'GREEN']
+        assert list(ds['event_type'].values) == ['RUN_STARTED', 'CHECKPOINT_CREATED']
+        st = xr.open_zarr(CORE, group='state')
+        same(st['x'].values, 'x')
+        assert st['x'].dims == ('x.d0', 'x.d1', 'x.d2')
+        # with extension dtypes there is no consolidated metadata: say so explicitly
+        ds2 = xr.open_zarr(EXT, group='telemetry', consolidated=False)
+        assert float(ds2['grad_norm'][0]) == 1.0
+    """, core=ckpt["core"], ext=ckpt["ext"], exp=ckpt["exp"])
+
+
+def test_dask_alone_reduces_a_leaf(ckpt):
+    run_alone("""
+        import dask.array as da
+        a = da.from_zarr(CORE, component='state/big')
+        assert a.chunks[0][0] * a.chunks[1][0] * 4 <= 4 * 1024 * 1024
+        assert float(a.sum().compute()) == float(np.arange(2*1024*1024, dtype=np.float64).sum())
+    """, core=ckpt["core"])
