@@ -100,23 +100,27 @@ def main() -> None:
         for fsync in (False, True):
             d = os.path.join(work, "npy")
             results["np.save + fsync" if fsync else "np.save"] = timed(
-                lambda fsync=fsync: np_save(state, d, fsync), args.repeats,
-                lambda: shutil.rmtree(d, ignore_errors=True))
+                lambda fsync=fsync: np_save(state, d, fsync), args.repeats, lambda: shutil.rmtree(d, ignore_errors=True)
+            )
         results["np.load"] = timed(lambda: np_load(state.keys(), os.path.join(work, "npy")), args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     reference = {"cfs save (durable)": "np.save + fsync", "cfs save (no fsync)": "np.save", "cfs restore": "np.load"}
     med = {name: statistics.median(ts) for name, ts in results.items()}
-    print(f"\n{gib:.2f} GiB in {args.leaves} float32 leaves, median of {args.repeats} runs after 1 warm-up, "
-          f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, numpy {np.__version__}")
+    print(
+        f"\n{gib:.2f} GiB in {args.leaves} float32 leaves, median of {args.repeats} runs after 1 warm-up, "
+        f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, numpy {np.__version__}"
+    )
     print(f"{'method':<22} {'median s':>9} {'GiB/s':>7}  {'ratio vs reference':<28} all runs (s)")
     for name, ts in results.items():
         ref = reference.get(name)
         ratio = f"{med[ref] / med[name]:.2f}x {ref}" if ref else ""
         print(f"{name:<22} {med[name]:9.3f} {gib / med[name]:7.2f}  {ratio:<28} " + " ".join(f"{t:.3f}" for t in ts))
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20):.2f} GiB "
-          f"(state itself: {gib:.2f} GiB)")
+    print(
+        f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20):.2f} GiB "
+        f"(state itself: {gib:.2f} GiB)"
+    )
 
 
 if __name__ == "__main__":

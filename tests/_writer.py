@@ -22,8 +22,12 @@ def make_state(iteration: int) -> dict:
 
 def history(iteration: int) -> dict:
     its = np.arange(iteration + 1)
-    return {"iter": its, "E": 1.0 / (its + 1.0), "phase": ["GREEN"] * len(its),
-            "events": [{"type": "CHECKPOINT_CREATED", "iter": int(i)} for i in range(0, iteration + 1, 10)]}
+    return {
+        "iter": its,
+        "E": 1.0 / (its + 1.0),
+        "phase": ["GREEN"] * len(its),
+        "events": [{"type": "CHECKPOINT_CREATED", "iter": int(i)} for i in range(0, iteration + 1, 10)],
+    }
 
 
 def main() -> None:

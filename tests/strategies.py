@@ -36,8 +36,14 @@ def arrays(draw, max_side: int = 5) -> np.ndarray:
 
 
 keys = st.one_of(st.text(max_size=12), st.sampled_from(["", ".", "..", "a/b", "__x", "%", "x.y", "ключ", "A", "a"]))
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5),
-                    st.complex_numbers(allow_nan=False))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.complex_numbers(allow_nan=False),
+)
 
 pytrees = st.recursive(
     st.one_of(arrays(), scalars),

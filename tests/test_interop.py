@@ -12,17 +12,31 @@ import numpy as np
 import pytest
 
 CORE = {
-    "x": np.arange(24.0).reshape(2, 3, 4), "i8": np.arange(-3, 3, dtype=np.int8), "u64": np.array([2**64 - 1], np.uint64),
-    "b": np.array([True, False, True]), "c64": np.array([1 + 2j, -3j], np.complex64), "c128": np.array([1e300 + 1j]),
-    "f16": np.array([1.5, -0.0], np.float16), "scalar": np.float64(3.25), "empty": np.zeros((0, 3), np.float32),
+    "x": np.arange(24.0).reshape(2, 3, 4),
+    "i8": np.arange(-3, 3, dtype=np.int8),
+    "u64": np.array([2**64 - 1], np.uint64),
+    "b": np.array([True, False, True]),
+    "c64": np.array([1 + 2j, -3j], np.complex64),
+    "c128": np.array([1e300 + 1j]),
+    "f16": np.array([1.5, -0.0], np.float16),
+    "scalar": np.float64(3.25),
+    "empty": np.zeros((0, 3), np.float32),
     "nested": {"deep": {"w": np.arange(12, dtype=np.int32).reshape(3, 4)}},
     "big": np.arange(2 * 1024 * 1024, dtype=np.float32).reshape(2048, 1024),  # 8 MiB: 2 chunks
 }
-EXT = {"bf16": jnp.arange(5, dtype=jnp.bfloat16), "f8": np.arange(6).astype(ml_dtypes.float8_e4m3fn),
-       "f8e5": np.arange(6).astype(ml_dtypes.float8_e5m2), "i4": np.arange(-4, 4).astype(ml_dtypes.int4)}
-HIST = {"iter": np.arange(0, 50, 10), "E": np.linspace(5, 1, 5), "grad_norm": np.logspace(0, -2, 5),
-        "phase": ["RED", "AMBER", "GREEN", "GREEN", "GREEN"],
-        "events": [{"type": "RUN_STARTED", "iter": 0}, {"type": "CHECKPOINT_CREATED", "iter": 40, "payload": {"k": 1}}]}
+EXT = {
+    "bf16": jnp.arange(5, dtype=jnp.bfloat16),
+    "f8": np.arange(6).astype(ml_dtypes.float8_e4m3fn),
+    "f8e5": np.arange(6).astype(ml_dtypes.float8_e5m2),
+    "i4": np.arange(-4, 4).astype(ml_dtypes.int4),
+}
+HIST = {
+    "iter": np.arange(0, 50, 10),
+    "E": np.linspace(5, 1, 5),
+    "grad_norm": np.logspace(0, -2, 5),
+    "phase": ["RED", "AMBER", "GREEN", "GREEN", "GREEN"],
+    "events": [{"type": "RUN_STARTED", "iter": 0}, {"type": "CHECKPOINT_CREATED", "iter": 40, "payload": {"k": 1}}],
+}
 
 
 def leaf_paths(tree, prefix=""):
@@ -68,14 +82,20 @@ def run_alone(code: str, **paths) -> str:
     assigns = "".join(f"{k.upper()} = {v!r}\n" for k, v in paths.items())
     tail = "\nassert 'computable_flows_shim' not in sys.modules\nprint('OK')\n"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", assigns + prelude + textwrap.dedent(code) + tail],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", assigns + prelude + textwrap.dedent(code) + tail],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
     return r.stdout
 
 
 def test_zarr_python_alone_reads_every_core_array(ckpt):
-    run_alone("""
+    run_alone(
+        """
         import zarr
         g = zarr.open_group(CORE, mode='r')
         assert g.attrs['run_id'] == 'core' and g.attrs['flow_config'] == {'lr': 0.5}
@@ -86,25 +106,35 @@ def test_zarr_python_alone_reads_every_core_array(ckpt):
             assert len(set(a.metadata.dimension_names)) == a.ndim
         assert [c.to_dict()['name'] for c in g['state/x'].metadata.codecs] == ['bytes', 'crc32c']
         print(n)
-    """, core=ckpt["core"], exp=ckpt["exp"])
+    """,
+        core=ckpt["core"],
+        exp=ckpt["exp"],
+    )
 
 
 def test_tensorstore_alone_reads_every_array_including_ml_dtypes(ckpt):
-    out = run_alone("""
+    out = run_alone(
+        """
         import tensorstore as ts
         n = 0
-        for path in ['x','i8','u64','b','c64','c128','f16','scalar','empty','nested/deep/w','big','bf16','f8','f8e5','i4']:
-            t = ts.open({'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': EXT + '/state/' + path}}, open=True).result()
+        for path in ['x', 'i8', 'u64', 'b', 'c64', 'c128', 'f16', 'scalar', 'empty', 'nested/deep/w', 'big',
+                     'bf16', 'f8', 'f8e5', 'i4']:
+            spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': EXT + '/state/' + path}}
+            t = ts.open(spec, open=True).result()
             raw, name, shape = expected(path)
             assert t.dtype.name == name, (path, t.dtype.name, name)
             same(t.read().result(), path); n += 1
         print(n)
-    """, ext=ckpt["ext"], exp=ckpt["exp"])
+    """,
+        ext=ckpt["ext"],
+        exp=ckpt["exp"],
+    )
     assert "15" in out
 
 
 def test_xarray_alone_opens_telemetry_and_state(ckpt):
-    run_alone("""
+    run_alone(
+        """
         import warnings, xarray as xr
         warnings.simplefilter('error')
         ds = xr.open_zarr(CORE, group='telemetry')
@@ -118,13 +148,20 @@ def test_xarray_alone_opens_telemetry_and_state(ckpt):
         # with extension dtypes there is no consolidated metadata: say so explicitly
         ds2 = xr.open_zarr(EXT, group='telemetry', consolidated=False)
         assert float(ds2['grad_norm'][0]) == 1.0
-    """, core=ckpt["core"], ext=ckpt["ext"], exp=ckpt["exp"])
+    """,
+        core=ckpt["core"],
+        ext=ckpt["ext"],
+        exp=ckpt["exp"],
+    )
 
 
 def test_dask_alone_reduces_a_leaf(ckpt):
-    run_alone("""
+    run_alone(
+        """
         import dask.array as da
         a = da.from_zarr(CORE, component='state/big')
         assert a.chunks[0][0] * a.chunks[1][0] * 4 <= 4 * 1024 * 1024
         assert float(a.sum().compute()) == float(np.arange(2*1024*1024, dtype=np.float64).sum())
-    """, core=ckpt["core"])
+    """,
+        core=ckpt["core"],
+    )

@@ -10,14 +10,23 @@ import numpy as np
 import pytest
 
 from computable_flows_shim import (
-    CheckpointExistsError, CheckpointManager, CheckpointNotFoundError, CheckpointWarning, InvalidRunIdError,
-    MetadataError, TargetMismatchError, UnsupportedLeafError,
+    CheckpointExistsError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CheckpointWarning,
+    InvalidRunIdError,
+    MetadataError,
+    TargetMismatchError,
+    UnsupportedLeafError,
 )
 
 
 def state(i=0):
-    return {"x": np.arange(10.0) + i, "w": {"a": np.ones((3, 4), np.float32) * i, "b": [np.int64(i), None]},
-            "key": jax.random.key(i)}
+    return {
+        "x": np.arange(10.0) + i,
+        "w": {"a": np.ones((3, 4), np.float32) * i, "b": [np.int64(i), None]},
+        "key": jax.random.key(i),
+    }
 
 
 def test_ids_are_portable_and_sort_by_iteration(mgr):
@@ -29,8 +38,10 @@ def test_ids_are_portable_and_sort_by_iteration(mgr):
     assert [i.checkpoint_id for i in mgr.list_checkpoints()] == [ids[2], ids[1], ids[0]]  # newest first
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "a/b", "/abs", "a\\b", "a\x00b", "a\nb", " lead", "x" * 129,
-                                 ".hidden", "a b", 7, None])
+@pytest.mark.parametrize(
+    "bad",
+    ["", ".", "..", "../x", "a/b", "/abs", "a\\b", "a\x00b", "a\nb", " lead", "x" * 129, ".hidden", "a b", 7, None],
+)
 def test_bad_run_ids_are_refused_before_writing(mgr, bad):
     with pytest.raises(InvalidRunIdError, match="run_id"):
         mgr.create_checkpoint(bad, 1, state(), {})
@@ -46,11 +57,22 @@ def test_existing_checkpoint_is_never_replaced(mgr):
 
 
 def test_load_returns_everything(mgr):
-    hist = {"iter": np.arange(4), "E": np.array([4.0, 3.0, 2.5, 2.0]), "grad_norm": np.array([1.0, 0.5, 0.2, 0.1]),
-            "phase": ["RED", "AMBER", "GREEN", "GREEN"],
-            "events": [{"type": "RUN_STARTED", "iter": 0, "payload": {"n": 1}}, {"type": "CHECKPOINT_CREATED", "iter": 3}]}
-    cid = mgr.create_checkpoint("r", 3, state(3), {"lr": 0.1, "ops": ["blur"]}, telemetry_history=hist,
-                                certificates={"eta_dd": 0.7, "gamma": float("inf")}, metadata={"note": "hi"})
+    hist = {
+        "iter": np.arange(4),
+        "E": np.array([4.0, 3.0, 2.5, 2.0]),
+        "grad_norm": np.array([1.0, 0.5, 0.2, 0.1]),
+        "phase": ["RED", "AMBER", "GREEN", "GREEN"],
+        "events": [{"type": "RUN_STARTED", "iter": 0, "payload": {"n": 1}}, {"type": "CHECKPOINT_CREATED", "iter": 3}],
+    }
+    cid = mgr.create_checkpoint(
+        "r",
+        3,
+        state(3),
+        {"lr": 0.1, "ops": ["blur"]},
+        telemetry_history=hist,
+        certificates={"eta_dd": 0.7, "gamma": float("inf")},
+        metadata={"note": "hi"},
+    )
     out = mgr.load_checkpoint(cid)
     assert out["run_id"] == "r" and out["iteration"] == 3 and out["checkpoint_id"] == cid
     assert out["flow_config"] == {"lr": 0.1, "ops": ["blur"]}
@@ -148,8 +170,12 @@ def test_target_restores_registered_nodes_and_shardings(mgr):
     cid = mgr.create_checkpoint("r", 1, tree, {})
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("d",))
     sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, tree)
-    target["params"] = Params(jax.ShapeDtypeStruct((2, 3), jnp.float64, sharding=sh), jax.ShapeDtypeStruct((3,), jnp.float64))
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, tree
+    )
+    target["params"] = Params(
+        jax.ShapeDtypeStruct((2, 3), jnp.float64, sharding=sh), jax.ShapeDtypeStruct((3,), jnp.float64)
+    )
     out = mgr.load_checkpoint(cid, target=target)["state"]
     assert isinstance(out["params"], Params) and type(out["opt"]) is type(tree["opt"])
     assert out["params"].w.sharding == sh
@@ -177,8 +203,18 @@ def test_target_mismatch_names_leaf_expected_and_found(mgr):
 
 def test_namedtuple_and_key_edge_cases(mgr):
     NT = collections.namedtuple("NT", ["alpha", "beta"])
-    tree = {"": 1, ".": 2, "..": 3, "a/b": NT(np.ones(2), (None,)), "__z": 4.5, "A": 5, "a": 6, "k" * 300: 7,
-            "ключ": np.int8(3), "%": float("nan")}
+    tree = {
+        "": 1,
+        ".": 2,
+        "..": 3,
+        "a/b": NT(np.ones(2), (None,)),
+        "__z": 4.5,
+        "A": 5,
+        "a": 6,
+        "k" * 300: 7,
+        "ключ": np.int8(3),
+        "%": float("nan"),
+    }
     cid = mgr.create_checkpoint("r", 1, tree, {})
     out = mgr.load_checkpoint(cid)["state"]
     assert list(out) == list(tree)
@@ -217,9 +253,17 @@ def test_stale_staging_from_dead_writer_is_removed_live_one_kept(tmp_path):
     (staging / "live.2.bb").mkdir()
     lock = staging / "live.2.bb.lock"
     lock.write_bytes(b"")
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys,time;f=open(sys.argv[1]);"
-                               "fcntl.flock(f,fcntl.LOCK_EX);print('locked',flush=True);time.sleep(60)", str(lock)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys,time;f=open(sys.argv[1]);"
+            "fcntl.flock(f,fcntl.LOCK_EX);print('locked',flush=True);time.sleep(60)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert m.store.cleanup_stale() == 1

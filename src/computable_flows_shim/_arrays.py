@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import crc32c as _crc
 import numcodecs
@@ -103,12 +104,13 @@ class Layout:
 
 
 def array_metadata(layout: Layout, dimension_names: list[str], attributes: dict) -> dict:
+    fill: object
     if layout.dtype is None:
         data_type, fill, codecs = STRING, "", [{"name": "vlen-utf8"}]
     else:
-        data_type = zarr_name(layout.dtype)
-        assert data_type is not None
-        fill = fill_value_json(data_type)
+        name = zarr_name(layout.dtype)
+        assert name is not None
+        data_type, fill = name, fill_value_json(name)
         bytes_codec: dict = {"name": "bytes"}
         if layout.dtype.itemsize > 1:
             bytes_codec["configuration"] = {"endian": "little"}
@@ -153,13 +155,13 @@ def chunk_buffers(array: np.ndarray, layout: Layout, coords: tuple[int, ...]) ->
     if _is_slab(layout.shape, layout.chunk_shape) and array.flags.c_contiguous:
         flat = array.reshape(-1).view(np.uint8)
         start, n = _slab_span(layout, region, array.itemsize)
-        bufs = [memoryview(flat[start:start + n])]
+        bufs: list[Any] = [flat[start : start + n].data]
         if n < chunk_bytes:  # edge chunk: Zarr stores it at full chunk shape
             bufs.append(bytes(chunk_bytes - n))
         return bufs
     full = np.zeros(layout.chunk_shape, dtype=array.dtype)
     full[tuple(slice(0, s.stop - s.start) for s in region)] = array[region]
-    return [memoryview(full.reshape(-1).view(np.uint8))]
+    return [full.reshape(-1).view(np.uint8).data]
 
 
 def write_file(path: str, bufs: list, durable: bool) -> None:
@@ -195,6 +197,7 @@ def write_chunk(array: np.ndarray, layout: Layout, coords: tuple[int, ...], dirp
 
 # ---------------------------------------------------------------- reading
 
+
 def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
     """Validate an array zarr.json against what format v1 writes; refuse the rest."""
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
@@ -222,12 +225,16 @@ def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
     if not isinstance(cke, dict) or cke.get("name") != "default" or sep not in (".", "/"):
         raise CheckpointFormatError(f"{where}: unsupported chunk_key_encoding {cke!r}")
     codecs = meta.get("codecs")
-    names = [c.get("name") for c in codecs] if isinstance(codecs, list) and all(isinstance(c, dict) for c in codecs) else None
+    names = (
+        [c.get("name") for c in codecs]
+        if isinstance(codecs, list) and all(isinstance(c, dict) for c in codecs)
+        else None
+    )
     expected = ["vlen-utf8", "crc32c"] if dtype is None else ["bytes", "crc32c"]
     if names != expected:
         raise CheckpointFormatError(f"{where}: unsupported codecs {codecs!r} (format v1 reads {expected})")
     if dtype is not None:
-        endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+        endian = (codecs[0].get("configuration") or {}).get("endian", "little")  # type: ignore[index]
         if endian != "little" and dtype.itemsize > 1:
             raise CheckpointFormatError(f"{where}: unsupported endian {endian!r}")
     attrs = meta.get("attributes", {})
@@ -235,8 +242,11 @@ def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
         raise CheckpointFormatError(f"{where}: attributes is not an object")
     layout = Layout(tuple(shape), dtype, tuple(chunk), sep)
     crcs = attrs.get(S.AA_CRC32C)
-    if (not isinstance(crcs, list) or len(crcs) != layout.nchunks
-            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 32 for c in crcs)):
+    if (
+        not isinstance(crcs, list)
+        or len(crcs) != layout.nchunks
+        or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 1 << 32 for c in crcs)
+    ):
         raise CheckpointFormatError(f"{where}: {S.AA_CRC32C} must list one CRC32C per chunk ({layout.nchunks})")
     return layout, crcs, attrs
 
@@ -287,7 +297,7 @@ def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_c
                 raise CheckpointCorruptError(f"{cwhere}: text chunk has a bad size ({size} bytes)")
             raw = _read_small(f, size, cwhere)
             body = raw[: -S.CRC_BYTES]
-            _check_crc(_crc.crc32c(body), raw[-S.CRC_BYTES:], expected_crc, cwhere)
+            _check_crc(_crc.crc32c(body), raw[-S.CRC_BYTES :], expected_crc, cwhere)
             try:
                 values = np.asarray(_VLEN.decode(body), dtype=object)
                 return values.reshape(layout.chunk_shape)[valid]
@@ -296,15 +306,17 @@ def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_c
         chunk_bytes = math.prod(layout.chunk_shape) * layout.dtype.itemsize
         if size != chunk_bytes + S.CRC_BYTES:
             raise CheckpointCorruptError(
-                f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)")
+                f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)"
+            )
         raw = _read_small(f, size, cwhere)
-    body = memoryview(raw)[:chunk_bytes]
-    _check_crc(_crc.crc32c(body), raw[chunk_bytes:], expected_crc, cwhere)
-    return np.frombuffer(body, dtype=layout.dtype).reshape(layout.chunk_shape)[valid]
+    view = memoryview(raw)[:chunk_bytes]
+    _check_crc(_crc.crc32c(view), raw[chunk_bytes:], expected_crc, cwhere)
+    return np.frombuffer(view, dtype=layout.dtype).reshape(layout.chunk_shape)[valid]
 
 
-def read_chunk_into(out: np.ndarray, layout: Layout, coords: tuple[int, ...], dirpath: str, expected_crc: int,
-                    where: str) -> None:
+def read_chunk_into(
+    out: np.ndarray, layout: Layout, coords: tuple[int, ...], dirpath: str, expected_crc: int, where: str
+) -> None:
     """Read, check and place one chunk of ``out`` (a full-shape array).  Slab
     chunks are read straight into ``out``'s memory."""
     region = layout.region(coords)
@@ -318,12 +330,13 @@ def read_chunk_into(out: np.ndarray, layout: Layout, coords: tuple[int, ...], di
         size = os.fstat(f.fileno()).st_size
         if size != chunk_bytes + S.CRC_BYTES:
             raise CheckpointCorruptError(
-                f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)")
+                f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)"
+            )
         start, n = _slab_span(layout, region, itemsize)
-        dst = memoryview(out.reshape(-1).view(np.uint8))[start:start + n]
+        dst = out.reshape(-1).view(np.uint8)[start : start + n].data
         got = f.readinto(dst) if n else 0
         rest = f.read()
     if got != n or len(rest) != chunk_bytes - n + S.CRC_BYTES:
         raise CheckpointCorruptError(f"{cwhere}: chunk file changed while reading")
     crc = _crc.crc32c(rest[: -S.CRC_BYTES], _crc.crc32c(dst))
-    _check_crc(crc, rest[-S.CRC_BYTES:], expected_crc, cwhere)
+    _check_crc(crc, rest[-S.CRC_BYTES :], expected_crc, cwhere)

@@ -24,9 +24,20 @@ def _print_json(obj: Any) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     infos = _manager(args).list_checkpoints(args.run)
     if args.json:
-        _print_json([{"checkpoint_id": i.checkpoint_id, "run_id": i.run_id, "iteration": i.iteration,
-                      "created_at": i.created_at, "path": i.path, "lineage": i.lineage,
-                      "telemetry_summary": i.telemetry_summary} for i in infos])
+        _print_json(
+            [
+                {
+                    "checkpoint_id": i.checkpoint_id,
+                    "run_id": i.run_id,
+                    "iteration": i.iteration,
+                    "created_at": i.created_at,
+                    "path": i.path,
+                    "lineage": i.lineage,
+                    "telemetry_summary": i.telemetry_summary,
+                }
+                for i in infos
+            ]
+        )
         return 0
     if not infos:
         print(f"no checkpoints in {os.path.abspath(args.root)}")
@@ -34,14 +45,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'checkpoint':<40} {'run':<20} {'iteration':>10}  {'final E':>12}  created (UTC)")
     for i in infos:
         e = i.telemetry_summary.get("final_energy")
-        print(f"{i.checkpoint_id:<40} {i.run_id:<20} {i.iteration:>10}  {'' if e is None else f'{e:12.6g}':>12}  "
-              f"{i.created_at}")
+        print(
+            f"{i.checkpoint_id:<40} {i.run_id:<20} {i.iteration:>10}  {'' if e is None else f'{e:12.6g}':>12}  "
+            f"{i.created_at}"
+        )
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     view = _manager(args).open_checkpoint(args.checkpoint_id)
-    leaves = []
+    leaves: list[dict[str, Any]] = []
 
     def walk(x: Any, path: str) -> None:
         if isinstance(x, dict):
@@ -51,16 +64,32 @@ def cmd_show(args: argparse.Namespace) -> int:
             for i, v in enumerate(x):
                 walk(v, f"{path}[{i}]")
         elif hasattr(x, "shape"):
-            leaves.append({"leaf": path, "shape": list(x.shape), "dtype": str(x.dtype), "chunks": list(x.chunk_shape),
-                           "bytes": int(x.nbytes)})
+            leaves.append(
+                {
+                    "leaf": path,
+                    "shape": list(x.shape),
+                    "dtype": str(x.dtype),
+                    "chunks": list(x.chunk_shape),
+                    "bytes": int(x.nbytes),
+                }
+            )
         else:
             leaves.append({"leaf": path, "value": x})
 
     walk(view.state, "state")
-    info = {"checkpoint_id": view.checkpoint_id, "run_id": view.run_id, "iteration": view.iteration,
-            "created_at": view.created_at, "path": view.path, "flow_config": view.flow_config,
-            "certificates": view.certificates, "metadata": view.metadata, "lineage": view.lineage,
-            "telemetry_summary": view.telemetry_summary, "leaves": leaves}
+    info = {
+        "checkpoint_id": view.checkpoint_id,
+        "run_id": view.run_id,
+        "iteration": view.iteration,
+        "created_at": view.created_at,
+        "path": view.path,
+        "flow_config": view.flow_config,
+        "certificates": view.certificates,
+        "metadata": view.metadata,
+        "lineage": view.lineage,
+        "telemetry_summary": view.telemetry_summary,
+        "leaves": leaves,
+    }
     if args.json:
         _print_json(info)
         return 0
@@ -71,8 +100,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("leaves:")
     for leaf in leaves:
         if "shape" in leaf:
-            print(f"  {leaf['leaf']:<40} {leaf['dtype']:<10} {str(tuple(leaf['shape'])):<20} "
-                  f"chunks={tuple(leaf['chunks'])} {leaf['bytes']} B")
+            print(
+                f"  {leaf['leaf']:<40} {leaf['dtype']:<10} {str(tuple(leaf['shape'])):<20} "
+                f"chunks={tuple(leaf['chunks'])} {leaf['bytes']} B"
+            )
         else:
             print(f"  {leaf['leaf']:<40} {leaf['value']!r}")
     return 0
@@ -113,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     hist: dict[str, list] = {"iter": [], "E": [], "grad_norm": [], "phase": []}
     import datetime as dt
 
-    run_id = args.run or "demo-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_id = args.run or "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     ids = []
     for it in range(1, args.iterations + 1):
         g = a.T @ (a @ x - y)
@@ -123,15 +154,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
             hist[k].append(v)
         if it % args.interval == 0:
             state = {"x": x, "y": y, "A": a, "opt": {"step": np.float64(step), "iteration": np.int64(it)}}
-            ids.append(mgr.create_checkpoint(run_id, it, state, {"kind": "least-squares", "step": step},
-                                             telemetry_history=hist, certificates={"eta_dd": 0.0, "gamma": 0.0}))
+            ids.append(
+                mgr.create_checkpoint(
+                    run_id,
+                    it,
+                    state,
+                    {"kind": "least-squares", "step": step},
+                    telemetry_history=hist,
+                    certificates={"eta_dd": 0.0, "gamma": 0.0},
+                )
+            )
             print(f"saved {ids[-1]}  E={e:.6g}")
     print()
     cmd_list(argparse.Namespace(root=args.root, run=run_id, json=False))
     mid = ids[len(ids) // 2]
     loaded = mgr.load_checkpoint(mid)
-    print(f"\nloaded {mid}: iteration {loaded['iteration']}, |x| = {np.linalg.norm(loaded['state']['x']):.6g}, "
-          f"{len(loaded['telemetry']['E'])} telemetry samples")
+    print(
+        f"\nloaded {mid}: iteration {loaded['iteration']}, |x| = {np.linalg.norm(loaded['state']['x']):.6g}, "
+        f"{len(loaded['telemetry']['E'])} telemetry samples"
+    )
     branch = mgr.rollback_to_checkpoint(mid, f"{run_id}-branch")
     print(f"rolled back: {branch} (lineage {mgr.load_checkpoint(branch)['lineage']})")
     print(f"verify {ids[-1]}: {'OK' if mgr.verify_checkpoint(ids[-1]).ok else 'DAMAGED'}")
@@ -141,7 +182,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cfs", description="Checkpoints for computable flows (Zarr v3).")
-    p.add_argument("--root", default=DEFAULT_ROOT, help="checkpoint store directory (default: $CFS_ROOT or ./checkpoints)")
+    p.add_argument(
+        "--root", default=DEFAULT_ROOT, help="checkpoint store directory (default: $CFS_ROOT or ./checkpoints)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("list", help="list checkpoints, newest first")
     s.add_argument("--run", help="only this run")

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -23,8 +24,16 @@ import numpy as np
 from . import _spec as S
 from . import _telemetry as T
 from ._arrays import (
-    STRING, Layout, array_metadata, group_metadata, parse_array, read_chunk_into, read_json, slab_chunk_shape,
-    write_chunk, write_file,
+    STRING,
+    Layout,
+    array_metadata,
+    group_metadata,
+    parse_array,
+    read_chunk_into,
+    read_json,
+    slab_chunk_shape,
+    write_chunk,
+    write_file,
 )
 from ._dtypes import EXTENSION_NAMES
 from ._tree import Leaf, check_against_target, flatten, iter_leaf_nodes, keystr, scalar_value, target_leaves, unflatten
@@ -82,8 +91,15 @@ def _state_arrays(leaves: list[Leaf]) -> list[_Array]:
     for leaf in leaves:
         a = np.require(leaf.array, requirements="C")
         attrs = {S.AA_KEY_IMPL: leaf.key_impl} if leaf.key_impl else {}
-        out.append(_Array(f"{S.STATE_GROUP}/{leaf.path}", a, Layout(a.shape, a.dtype, slab_chunk_shape(a.shape, a.itemsize)),
-                          [f"{leaf.path}.d{i}" for i in range(a.ndim)], attrs))
+        out.append(
+            _Array(
+                f"{S.STATE_GROUP}/{leaf.path}",
+                a,
+                Layout(a.shape, a.dtype, slab_chunk_shape(a.shape, a.itemsize)),
+                [f"{leaf.path}.d{i}" for i in range(a.ndim)],
+                attrs,
+            )
+        )
     return out
 
 
@@ -93,8 +109,15 @@ def _telemetry_arrays(cols: dict[str, np.ndarray], events: list[dict]) -> list[_
         for name, col in group.items():
             dtype = None if col.dtype == object else col.dtype
             layout = Layout(col.shape, dtype, (max(1, min(TELEMETRY_CHUNK, len(col))),))
-            out.append(_Array(f"{S.TELEMETRY_GROUP}/{name}", col if dtype is None else np.require(col, requirements="C"),
-                              layout, [dim], {}))
+            out.append(
+                _Array(
+                    f"{S.TELEMETRY_GROUP}/{name}",
+                    col if dtype is None else np.require(col, requirements="C"),
+                    layout,
+                    [dim],
+                    {},
+                )
+            )
     return out
 
 
@@ -114,11 +137,12 @@ def write_group(dirpath: str, attrs: dict, state: PyTree, telemetry_history: Any
         if d:
             os.mkdir(os.path.join(dirpath, *d.split("/")))
 
-    chunk_tasks, owners = [], []
+    chunk_tasks: list[Callable[[], Any]] = []
+    owners: list[_Array] = []
     for arr in arrays:
         adir = os.path.join(dirpath, *arr.path.split("/"))
         for coords in arr.layout.coords():
-            chunk_tasks.append(lambda a=arr, c=coords, d=adir: write_chunk(a.data, a.layout, c, d, durable))
+            chunk_tasks.append(partial(write_chunk, arr.data, arr.layout, coords, adir, durable))
             owners.append(arr)
     crcs = _run_all(chunk_tasks)
     by_array: dict[int, list[int]] = {id(a): [] for a in arrays}
@@ -135,12 +159,12 @@ def write_group(dirpath: str, attrs: dict, state: PyTree, telemetry_history: Any
         the whole document, so it is written only where every array below uses a
         core Zarr v3 type (spec/FORMAT.md, "Consolidated metadata")."""
         pre = prefix + "/" if prefix else ""
-        inner = {p[len(pre):]: m for p, m in metas.items() if p.startswith(pre)}
+        inner = {p[len(pre) :]: m for p, m in metas.items() if p.startswith(pre)}
         if any(m["data_type"] in EXTENSION_NAMES for m in inner.values()):
             return None
         # zarr-python nests a flat consolidated dict only through group entries
         # that carry (empty) consolidated metadata of their own.
-        inner.update({g[len(pre):]: group_metadata({}, {}) for g in groups if g.startswith(pre) and g != prefix})
+        inner.update({g[len(pre) :]: group_metadata({}, {}) for g in groups if g.startswith(pre) and g != prefix})
         # ...and only when parents come before their children
         return dict(sorted(inner.items(), key=lambda kv: (kv[0].count("/"), kv[0])))
 
@@ -148,11 +172,14 @@ def write_group(dirpath: str, attrs: dict, state: PyTree, telemetry_history: Any
     for g in groups:
         docs[g] = group_metadata({}, consolidated(g) if g in ("", S.STATE_GROUP, S.TELEMETRY_GROUP) else None)
     docs[""] = group_metadata(attrs, consolidated(""))
-    _run_all([lambda p=p, d=d: write_file(os.path.join(dirpath, *p.split("/"), "zarr.json") if p else
-                                          os.path.join(dirpath, "zarr.json"), [_dump(d)], durable)
-              for p, d in docs.items()])
+    _run_all(
+        [
+            partial(write_file, os.path.join(dirpath, *p.split("/"), "zarr.json"), [_dump(d)], durable)
+            for p, d in docs.items()
+        ]
+    )
     if durable:
-        _run_all([lambda d=d: _fsync_dir(os.path.join(dirpath, *d.split("/")) if d else dirpath) for d in dirs])
+        _run_all([partial(_fsync_dir, os.path.join(dirpath, *d.split("/"))) for d in dirs])
     return attrs
 
 
@@ -185,10 +212,11 @@ def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> Non
                         os.close(fd)
     write_file(os.path.join(dirpath, "zarr.json"), [_dump(group_metadata(attrs))], durable)
     if durable:
-        _run_all([lambda d=d: _fsync_dir(d) for d in dirs])
+        _run_all([partial(_fsync_dir, d) for d in dirs])
 
 
 # ---------------------------------------------------------------- reading
+
 
 def read_attrs(dirpath: str, where: str) -> dict:
     """The checkpoint attributes, after checking format name and version."""
@@ -203,7 +231,8 @@ def read_attrs(dirpath: str, where: str) -> dict:
         raise CheckpointFormatError(f"{where}: bad format_version {version!r}")
     if version > S.FORMAT_VERSION:
         raise CheckpointFormatError(
-            f"{where}: format_version {version} is newer than this library reads ({S.FORMAT_VERSION}); upgrade")
+            f"{where}: format_version {version} is newer than this library reads ({S.FORMAT_VERSION}); upgrade"
+        )
     for key, kind in ((S.A_RUN_ID, str), (S.A_CHECKPOINT_ID, str), (S.A_ITERATION, int), (S.A_TREE, dict)):
         if not isinstance(attrs.get(key), kind) or isinstance(attrs.get(key), bool):
             raise CheckpointFormatError(f"{where}: attribute {key!r} missing or not a {kind.__name__}")
@@ -213,8 +242,13 @@ def read_attrs(dirpath: str, where: str) -> dict:
 def _safe_join(root: str, relpath: str, where: str) -> str:
     """Join a stored '/'-path under ``root``; refuse anything that could leave it."""
     parts = relpath.split("/")
-    if (not relpath or relpath.startswith("/") or "\\" in relpath or "\x00" in relpath
-            or any(p in ("", ".", "..") for p in parts)):
+    if (
+        not relpath
+        or relpath.startswith("/")
+        or "\\" in relpath
+        or "\x00" in relpath
+        or any(p in ("", ".", "..") for p in parts)
+    ):
         raise CheckpointFormatError(f"{where}: unsafe path {relpath!r}")
     path = os.path.join(root, *parts)
     real_root = os.path.realpath(root)
@@ -241,8 +275,10 @@ class StoredArray:
         return impl
 
     def chunk_tasks(self, out: np.ndarray) -> list[Callable[[], None]]:
-        return [lambda c=c, crc=crc: read_chunk_into(out, self.layout, c, self.dirpath, crc, self.where)
-                for c, crc in zip(self.layout.coords(), self.crcs)]
+        return [
+            partial(read_chunk_into, out, self.layout, c, self.dirpath, crc, self.where)
+            for c, crc in zip(self.layout.coords(), self.crcs)
+        ]
 
     def empty(self) -> np.ndarray:
         if self.layout.dtype is None:
@@ -269,7 +305,7 @@ def _leaf_where(checkpoint: str, kp: tuple) -> str:
 
 def _state_nodes(dirpath: str, attrs: dict, checkpoint: str) -> list[tuple[tuple, dict, StoredArray | None]]:
     state_dir = os.path.join(dirpath, S.STATE_GROUP)
-    out = []
+    out: list[tuple[tuple, dict, StoredArray | None]] = []
     for kp, node in iter_leaf_nodes(attrs[S.A_TREE], where=f"checkpoint {checkpoint!r}"):
         if node["kind"] == "array":
             out.append((kp, node, open_array(state_dir, node["path"], _leaf_where(checkpoint, kp))))
@@ -282,7 +318,7 @@ def _finish_leaf(node: dict, arr: np.ndarray, stored: StoredArray, kp: tuple, ch
     impl = stored.key_impl
     if impl is not None:
         try:
-            return jax.random.wrap_key_data(arr, impl=impl)
+            return jax.random.wrap_key_data(arr, impl=impl)  # type: ignore[arg-type]
         except (ValueError, TypeError) as e:
             raise CheckpointFormatError(f"{_leaf_where(checkpoint, kp)}: bad PRNG key data ({e})") from None
     return arr[()] if node.get("numpy_scalar") and arr.ndim == 0 else arr
@@ -311,20 +347,24 @@ def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None
     if missing or extra:
         raise TargetMismatchError(
             f"checkpoint {checkpoint!r}: target does not match the stored tree; "
-            f"missing from checkpoint: {[keystr(k) for k in missing[:5]]}, not in target: {[keystr(k) for k in extra[:5]]}")
+            f"missing from checkpoint: {[keystr(k) for k in missing[:5]]}, "
+            f"not in target: {[keystr(k) for k in extra[:5]]}"
+        )
     for kp, expected in pairs:
         node, s = by_kp[kp]
         if s is not None:
-            check_against_target(kp, expected, s.layout.shape, s.layout.dtype or np.dtype(object), s.key_impl, checkpoint)
+            check_against_target(
+                kp, expected, s.layout.shape, s.layout.dtype or np.dtype(object), s.key_impl, checkpoint
+            )
         elif hasattr(expected, "shape"):
             raise TargetMismatchError(f"{_leaf_where(checkpoint, kp)}: target expects an array, stored a Python scalar")
-    stored = [by_kp[kp][1] for kp, _ in pairs if by_kp[kp][1] is not None]
-    arrays = dict(zip((id(s) for s in stored), read_arrays(stored)))  # type: ignore[arg-type]
-    values = []
+    needed = [s for kp, _ in pairs if (s := by_kp[kp][1]) is not None]
+    arrays = dict(zip((id(s) for s in needed), read_arrays(needed)))
+    leaves: list[Any] = []
     for kp, expected in pairs:
         node, s = by_kp[kp]
         if s is None:
-            values.append(scalar_value(node, _leaf_where(checkpoint, kp)))
+            leaves.append(scalar_value(node, _leaf_where(checkpoint, kp)))
             continue
         v = _finish_leaf(node, arrays[id(s)], s, kp, checkpoint)
         if isinstance(expected, (jax.Array, jax.ShapeDtypeStruct)):
@@ -332,8 +372,8 @@ def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None
             v = jax.device_put(v, sharding) if sharding is not None else jax.device_put(v)
         elif isinstance(expected, np.generic) and isinstance(v, np.ndarray):
             v = v[()]
-        values.append(v)
-    return jax.tree_util.tree_unflatten(treedef, values)
+        leaves.append(v)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def read_telemetry(dirpath: str, checkpoint: str) -> dict:
@@ -372,8 +412,10 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
         arrays = [s for _, _, s in _state_nodes(dirpath, attrs, checkpoint) if s is not None]
         tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
         read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
-        arrays += [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")
-                   for n in _telemetry_names(tdir, checkpoint)]
+        arrays += [
+            open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")
+            for n in _telemetry_names(tdir, checkpoint)
+        ]
     except CheckpointError as e:
         return [str(e)]
     expected_files = {os.path.join(dirpath, "zarr.json")}

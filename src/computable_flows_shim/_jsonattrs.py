@@ -43,6 +43,5 @@ def to_json(value: Any, where: str, _depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_json(v, f"{where}[{i}]", _depth + 1) for i, v in enumerate(value)]
     raise MetadataError(
-        f"{where}: {type(value).__name__} is not JSON-representable "
-        "(use dicts, lists, str, int, float, bool, None)"
+        f"{where}: {type(value).__name__} is not JSON-representable (use dicts, lists, str, int, float, bool, None)"
     )

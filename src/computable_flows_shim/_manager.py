@@ -16,7 +16,11 @@ from ._store import LocalDirectoryStore, Store
 from ._types import CheckpointId, PyTree, RunId, Step
 from ._view import CheckpointView
 from .errors import (
-    CheckpointError, CheckpointExistsError, CheckpointFormatError, CheckpointNotFoundError, CheckpointWarning,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWarning,
     CheckpointWriteError,
 )
 
@@ -38,9 +42,18 @@ class CheckpointInfo:
 
     @classmethod
     def from_attrs(cls, attrs: dict, path: str) -> CheckpointInfo:
-        return cls(attrs[S.A_CHECKPOINT_ID], attrs[S.A_RUN_ID], attrs[S.A_ITERATION], str(attrs.get(S.A_CREATED_AT)),
-                   path, attrs.get(S.A_FLOW_CONFIG) or {}, attrs.get(S.A_CERTIFICATES) or {},
-                   attrs.get(S.A_METADATA) or {}, attrs.get(S.A_LINEAGE) or {}, attrs.get(S.A_TELEMETRY_SUMMARY) or {})
+        return cls(
+            attrs[S.A_CHECKPOINT_ID],
+            attrs[S.A_RUN_ID],
+            attrs[S.A_ITERATION],
+            str(attrs.get(S.A_CREATED_AT)),
+            path,
+            attrs.get(S.A_FLOW_CONFIG) or {},
+            attrs.get(S.A_CERTIFICATES) or {},
+            attrs.get(S.A_METADATA) or {},
+            attrs.get(S.A_LINEAGE) or {},
+            attrs.get(S.A_TELEMETRY_SUMMARY) or {},
+        )
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ class VerifyReport:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class CheckpointManager:
@@ -85,9 +98,16 @@ class CheckpointManager:
         return f"CheckpointManager({self.store!r})"
 
     # ------------------------------------------------------------ writing
-    def create_checkpoint(self, run_id: RunId, iteration: Step, state: PyTree, flow_config: dict | None = None,
-                          telemetry_history: Any = None, certificates: dict | None = None,
-                          metadata: dict | None = None) -> CheckpointId:
+    def create_checkpoint(
+        self,
+        run_id: RunId,
+        iteration: Step,
+        state: PyTree,
+        flow_config: dict | None = None,
+        telemetry_history: Any = None,
+        certificates: dict | None = None,
+        metadata: dict | None = None,
+    ) -> CheckpointId:
         """Save ``state`` (any pytree) and its context as a new, committed checkpoint.
 
         Raises InvalidRunIdError before writing anything for a bad ``run_id``,
@@ -98,11 +118,16 @@ class CheckpointManager:
         attrs = self._base_attrs(cid, run_id, iteration, flow_config, certificates, metadata, lineage={})
         return self._write(cid, lambda tmp: _codec.write_group(tmp, attrs, state, telemetry_history, self.durable))
 
-    def _base_attrs(self, cid: str, run_id: str, iteration: int, flow_config: Any, certificates: Any, metadata: Any,
-                    lineage: dict) -> dict:
+    def _base_attrs(
+        self, cid: str, run_id: str, iteration: int, flow_config: Any, certificates: Any, metadata: Any, lineage: dict
+    ) -> dict:
         return {
-            S.A_FORMAT: S.FORMAT_NAME, S.A_FORMAT_VERSION: S.FORMAT_VERSION, S.A_CHECKPOINT_ID: cid,
-            S.A_RUN_ID: run_id, S.A_ITERATION: int(iteration), S.A_CREATED_AT: _now(),
+            S.A_FORMAT: S.FORMAT_NAME,
+            S.A_FORMAT_VERSION: S.FORMAT_VERSION,
+            S.A_CHECKPOINT_ID: cid,
+            S.A_RUN_ID: run_id,
+            S.A_ITERATION: int(iteration),
+            S.A_CREATED_AT: _now(),
             S.A_FLOW_CONFIG: to_json(flow_config or {}, "flow_config"),
             S.A_CERTIFICATES: to_json(certificates or {}, "certificates"),
             S.A_METADATA: to_json(metadata or {}, "metadata"),
@@ -122,8 +147,9 @@ class CheckpointManager:
             raise CheckpointWriteError(f"saving checkpoint {cid!r} failed, nothing was committed: {e}") from e
         return cid
 
-    def rollback_to_checkpoint(self, checkpoint_id: CheckpointId, target_run_id: RunId,
-                               iteration: Step | None = None) -> CheckpointId:
+    def rollback_to_checkpoint(
+        self, checkpoint_id: CheckpointId, target_run_id: RunId, iteration: Step | None = None
+    ) -> CheckpointId:
         """Branch a new run from a checkpoint: a new checkpoint in ``target_run_id``
         with the same state and telemetry and lineage pointing back.  Array files
         are hard-linked where the file system allows (else copied)."""
@@ -131,16 +157,27 @@ class CheckpointManager:
         attrs = _codec.read_attrs(src, f"checkpoint {checkpoint_id!r}")
         it = attrs[S.A_ITERATION] if iteration is None else iteration
         cid = S.make_checkpoint_id(target_run_id, it)
-        new = {**attrs, S.A_CHECKPOINT_ID: cid, S.A_RUN_ID: target_run_id, S.A_ITERATION: int(it), S.A_CREATED_AT: _now(),
-               S.A_LINEAGE: {"rollback_from": checkpoint_id, "parent_run_id": attrs[S.A_RUN_ID],
-                             "parent_iteration": attrs[S.A_ITERATION]}}
+        new = {
+            **attrs,
+            S.A_CHECKPOINT_ID: cid,
+            S.A_RUN_ID: target_run_id,
+            S.A_ITERATION: int(it),
+            S.A_CREATED_AT: _now(),
+            S.A_LINEAGE: {
+                "rollback_from": checkpoint_id,
+                "parent_run_id": attrs[S.A_RUN_ID],
+                "parent_iteration": attrs[S.A_ITERATION],
+            },
+        }
         new[S.A_TELEMETRY_SUMMARY] = {**attrs.get(S.A_TELEMETRY_SUMMARY, {}), "total_iterations": int(it)}
         return self._write(cid, lambda tmp: _codec.link_group(src, tmp, new, self.durable))
 
     # ------------------------------------------------------------ reading
     def _dir(self, checkpoint_id: CheckpointId) -> str:
         if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
-            raise CheckpointNotFoundError(f"{checkpoint_id!r} is not a checkpoint id (expected '<run_id>-i<iteration>')")
+            raise CheckpointNotFoundError(
+                f"{checkpoint_id!r} is not a checkpoint id (expected '<run_id>-i<iteration>')"
+            )
         if not self.store.exists(checkpoint_id):
             raise CheckpointNotFoundError(f"no checkpoint {checkpoint_id!r} in {self.store}")
         return self.store.path(checkpoint_id)
@@ -153,7 +190,8 @@ class CheckpointManager:
         attrs = _codec.read_attrs(self._dir(checkpoint_id), f"checkpoint {checkpoint_id!r}")
         if attrs[S.A_CHECKPOINT_ID] != checkpoint_id:
             raise CheckpointFormatError(
-                f"checkpoint {checkpoint_id!r}: its attrs name it {attrs[S.A_CHECKPOINT_ID]!r} (renamed by hand?)")
+                f"checkpoint {checkpoint_id!r}: its attrs name it {attrs[S.A_CHECKPOINT_ID]!r} (renamed by hand?)"
+            )
         return attrs
 
     def load_checkpoint(self, checkpoint_id: CheckpointId, target: PyTree = None) -> dict:
@@ -171,9 +209,16 @@ class CheckpointManager:
         telemetry = _codec.read_telemetry(path, checkpoint_id)
         info = CheckpointInfo.from_attrs(attrs, path)
         return {
-            "state": state, "checkpoint_id": checkpoint_id, "run_id": info.run_id, "iteration": info.iteration,
-            "created_at": info.created_at, "flow_config": info.flow_config, "certificates": info.certificates,
-            "metadata": info.metadata, "lineage": info.lineage, "telemetry_summary": info.telemetry_summary,
+            "state": state,
+            "checkpoint_id": checkpoint_id,
+            "run_id": info.run_id,
+            "iteration": info.iteration,
+            "created_at": info.created_at,
+            "flow_config": info.flow_config,
+            "certificates": info.certificates,
+            "metadata": info.metadata,
+            "lineage": info.lineage,
+            "telemetry_summary": info.telemetry_summary,
             "telemetry": telemetry,
         }
 

@@ -19,8 +19,9 @@ import fcntl
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 from . import _spec as S
 from .errors import CheckpointExistsError
@@ -43,7 +44,7 @@ class Store(abc.ABC):
     def exists(self, name: str) -> bool: ...
 
     @abc.abstractmethod
-    def staging(self, name: str, durable: bool = True) -> contextmanager:  # type: ignore[valid-type]
+    def staging(self, name: str, durable: bool = True) -> AbstractContextManager[tuple[str, Callable[[], None]]]:
         """Context manager yielding an empty directory; ``commit(dir)`` publishes it as ``name``."""
 
     @abc.abstractmethod
@@ -57,6 +58,7 @@ class Store(abc.ABC):
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
+_renameat2: Any
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _renameat2 = _libc.renameat2
@@ -135,7 +137,7 @@ class LocalDirectoryStore(Store):
             os.close(fd)  # a cleaner took the file between create and lock: retry
 
     @contextmanager
-    def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, object]]:
+    def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, Callable[[], None]]]:  # type: ignore[override]
         """Yield ``(tmpdir, commit)``; leaving without calling ``commit()`` removes tmpdir."""
         token, fd = self._lock(name)
         tmp = os.path.join(self._staging_root, token)

@@ -59,7 +59,9 @@ def normalize(history: Any) -> tuple[dict[str, np.ndarray], list[dict]]:
             raise MetadataError(f"telemetry sample {i}: has no {n!r} (every sample needs the same keys)")
         cols = {n: _column(n, [row[n] for row in history]) for n in names}
     else:
-        raise MetadataError(f"telemetry_history: expected a dict of columns or a list of dicts, got {type(history).__name__}")
+        raise MetadataError(
+            f"telemetry_history: expected a dict of columns or a list of dicts, got {type(history).__name__}"
+        )
     lengths = {n: len(a) for n, a in cols.items()}
     if len(set(lengths.values())) > 1:
         raise MetadataError(f"telemetry columns have different lengths: {lengths}")

@@ -115,8 +115,10 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
         if len(folded) != len(names):
             # Keys equal up to case would share one file on case-insensitive file
             # systems: make each of those names unique with a hash of its key.
-            names = [n + "%h" + hashlib.sha256(repr(k).encode()).hexdigest()[:16] if folded[n.lower()] > 1 else n
-                     for n, k in zip(names, keys)]
+            names = [
+                n + "%h" + hashlib.sha256(repr(k).encode()).hexdigest()[:16] if folded[n.lower()] > 1 else n
+                for n, k in zip(names, keys)
+            ]
         return names
 
     def walk(x: Any, kp: KeyPath, path: str) -> dict:
@@ -143,18 +145,24 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
         if type(x) is dict:
             keys = list(x.keys())
             names = children_names(keys, kp)
-            return {"kind": "dict", "keys": keys,
-                    "children": [walk(x[k], kp + (k,), sub(n)) for k, n in zip(keys, names)]}
+            return {
+                "kind": "dict",
+                "keys": keys,
+                "children": [walk(x[k], kp + (k,), sub(n)) for k, n in zip(keys, names)],
+            }
         if type(x) in (list, tuple):
-            return {"kind": type(x).__name__,
-                    "children": [walk(c, kp + (i,), sub(str(i))) for i, c in enumerate(x)]}
+            return {"kind": type(x).__name__, "children": [walk(c, kp + (i,), sub(str(i))) for i, c in enumerate(x)]}
         if isinstance(x, tuple) and hasattr(type(x), "_fields"):
-            fields = list(type(x)._fields)
+            fields = list(type(x)._fields)  # type: ignore[attr-defined]
             names = children_names(fields, kp)
-            return {"kind": "namedtuple", "name": type(x).__name__, "keys": fields,
-                    "children": [walk(c, kp + (f,), sub(n)) for c, f, n in zip(x, fields, names)]}
+            return {
+                "kind": "namedtuple",
+                "name": type(x).__name__,
+                "keys": fields,
+                "children": [walk(c, kp + (f,), sub(n)) for c, f, n in zip(x, fields, names)],
+            }
         pairs, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-        if treedef.num_nodes == 1 and treedef.num_leaves == 1:
+        if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # type: ignore[attr-defined]
             raise UnsupportedLeafError(
                 f"{keystr(kp)}: unsupported leaf of type {type(x).__name__} "
                 "(expected an array, a Python scalar, None, or a registered pytree node)"
@@ -165,8 +173,12 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
                 raise UnsupportedLeafError(f"{keystr(kp)}: cannot flatten {type(x).__name__} one level")
             keys.append(_key_of(p[0]))
         names = children_names(keys, kp)
-        return {"kind": "custom", "name": type(x).__name__, "keys": keys,
-                "children": [walk(c, kp + (k,), sub(n)) for (_, c), k, n in zip(pairs, keys, names)]}
+        return {
+            "kind": "custom",
+            "name": type(x).__name__,
+            "keys": keys,
+            "children": [walk(c, kp + (k,), sub(n)) for (_, c), k, n in zip(pairs, keys, names)],
+        }
 
     return walk(state, (), ""), leaves
 
@@ -253,8 +265,9 @@ def target_leaves(target: PyTree) -> tuple[list[tuple[KeyPath, Any]], Any]:
     return [(tuple(_key_of(e) for e in p), leaf) for p, leaf in pairs], treedef
 
 
-def check_against_target(kp: KeyPath, expected: Any, shape: tuple, dtype: np.dtype, key_impl: str | None,
-                         checkpoint: str) -> None:
+def check_against_target(
+    kp: KeyPath, expected: Any, shape: tuple, dtype: np.dtype, key_impl: str | None, checkpoint: str
+) -> None:
     """Raise TargetMismatchError unless the stored leaf fits the target leaf."""
     where = f"checkpoint {checkpoint!r}, leaf {keystr(kp)}"
     exp_dtype = getattr(expected, "dtype", None)

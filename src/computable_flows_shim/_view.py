@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -69,7 +70,7 @@ class LazyArray:
             raise IndexError("an index can only have a single ellipsis ('...')")
         if Ellipsis in key:
             i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
         if len(key) > self.ndim:
             raise IndexError(f"too many indices for array: array is {self.ndim}-dimensional, {len(key)} were indexed")
         key = key + (slice(None),) * (self.ndim - len(key))
@@ -81,7 +82,9 @@ class LazyArray:
             try:
                 i = operator.index(k)
             except TypeError:
-                raise TypeError(f"{self.name}: LazyArray supports ints, slices and '...', got {type(k).__name__}") from None
+                raise TypeError(
+                    f"{self.name}: LazyArray supports ints, slices and '...', got {type(k).__name__}"
+                ) from None
             if not -n <= i < n:
                 raise IndexError(f"index {i} is out of bounds for axis {d} with size {n}")
             out.append(i % n)
@@ -95,14 +98,14 @@ class LazyArray:
         box_hi = [max(r[0], r[-1]) + 1 if len(r) else 0 for r in ranges]
         buf = np.empty([hi - lo for lo, hi in zip(box_lo, box_hi)], dtype=self.dtype)
         if buf.size:
-            per_dim = []
+            per_dim: list[Sequence[int]] = []
             for r, c in zip(ranges, layout.chunk_shape):
                 if abs(r.step) <= c:
                     lo, hi = min(r[0], r[-1]), max(r[0], r[-1])
                     per_dim.append(range(lo // c, hi // c + 1))
                 else:
                     per_dim.append(sorted({i // c for i in r}))
-            crc_index = {c: i for i, c in enumerate(layout.coords())} if per_dim else {(): 0}
+            crc_index: dict[tuple[int, ...], int] = {c: i for i, c in enumerate(layout.coords())}
             for coords in itertools.product(*per_dim):
                 chunk = read_chunk(layout, coords, self._s.dirpath, self._s.crcs[crc_index[coords]], self._s.where)
                 self.chunks_read += 1
@@ -184,6 +187,9 @@ class CheckpointView:
             ds[S.T_EVENT_TYPE] = (S.T_EVENT_DIM, np.asarray([e["type"] for e in events], dtype=object))
             import json
 
-            ds[S.T_EVENT_PAYLOAD] = (S.T_EVENT_DIM, np.asarray([json.dumps(e["payload"]) for e in events], dtype=object))
+            ds[S.T_EVENT_PAYLOAD] = (
+                S.T_EVENT_DIM,
+                np.asarray([json.dumps(e["payload"]) for e in events], dtype=object),
+            )
             self._telemetry = ds
         return self._telemetry

@@ -22,12 +22,21 @@ Pair = collections.namedtuple("Pair", "left right")
 def expected_state() -> dict:
     """The state stored in the golden checkpoint (PRNG key data as uint32)."""
     rng = np.random.default_rng(20261124)
-    arrays = {name: rng.integers(0, 256, size=(3, 5), dtype=np.uint8).view(dt) if np.dtype(dt).itemsize == 1
-              else rng.standard_normal((3, 5)).astype(dt)
-              for name, dt in [("float16", np.float16), ("float32", np.float32), ("float64", np.float64),
-                               ("bfloat16", ml_dtypes.bfloat16), ("float8_e4m3fn", ml_dtypes.float8_e4m3fn),
-                               ("float8_e5m2", ml_dtypes.float8_e5m2), ("complex64", np.complex64),
-                               ("complex128", np.complex128)]}
+    arrays = {
+        name: rng.integers(0, 256, size=(3, 5), dtype=np.uint8).view(dt)
+        if np.dtype(dt).itemsize == 1
+        else rng.standard_normal((3, 5)).astype(dt)
+        for name, dt in [
+            ("float16", np.float16),
+            ("float32", np.float32),
+            ("float64", np.float64),
+            ("bfloat16", ml_dtypes.bfloat16),
+            ("float8_e4m3fn", ml_dtypes.float8_e4m3fn),
+            ("float8_e5m2", ml_dtypes.float8_e5m2),
+            ("complex64", np.complex64),
+            ("complex128", np.complex128),
+        ]
+    }
     for dt in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64):
         arrays[np.dtype(dt).name] = rng.integers(np.iinfo(dt).min, np.iinfo(dt).max, size=(4,), dtype=dt, endpoint=True)
     arrays["bool"] = rng.integers(0, 2, size=(2, 3)).astype(bool)
@@ -45,10 +54,16 @@ def expected_state() -> dict:
 
 def expected_history() -> dict:
     its = np.arange(0, 50, 10)
-    return {"iter": its, "E": np.array([5.0, 3.0, 2.0, 1.5, 1.25]), "grad_norm": np.array([2.0, 1.0, 0.5, 0.25, 0.125]),
-            "phase": ["RED", "AMBER", "GREEN", "GREEN", "GREEN"],
-            "events": [{"type": "RUN_STARTED", "iter": 0, "payload": {"seed": 7}},
-                       {"type": "CHECKPOINT_CREATED", "iter": 40, "payload": {}}]}
+    return {
+        "iter": its,
+        "E": np.array([5.0, 3.0, 2.0, 1.5, 1.25]),
+        "grad_norm": np.array([2.0, 1.0, 0.5, 0.25, 0.125]),
+        "phase": ["RED", "AMBER", "GREEN", "GREEN", "GREEN"],
+        "events": [
+            {"type": "RUN_STARTED", "iter": 0, "payload": {"seed": 7}},
+            {"type": "CHECKPOINT_CREATED", "iter": 40, "payload": {}},
+        ],
+    }
 
 
 def main() -> None:
@@ -59,9 +74,15 @@ def main() -> None:
     state = expected_state()
     state["rng"]["key"] = jax.random.wrap_key_data(state["rng"].pop("key_data"), impl="threefry2x32")
     mgr = CheckpointManager(STORE)
-    cid = mgr.create_checkpoint("golden", 42, state, {"step_size": 0.1, "operator": "blur", "levels": 3},
-                                telemetry_history=expected_history(), certificates={"eta_dd": 0.8, "gamma": 0.05},
-                                metadata={"purpose": "format v1 golden checkpoint"})
+    cid = mgr.create_checkpoint(
+        "golden",
+        42,
+        state,
+        {"step_size": 0.1, "operator": "blur", "levels": 3},
+        telemetry_history=expected_history(),
+        certificates={"eta_dd": 0.8, "gamma": 0.05},
+        metadata={"purpose": "format v1 golden checkpoint"},
+    )
     assert cid == CHECKPOINT_ID
     print(cid)
 

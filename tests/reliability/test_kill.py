@@ -50,8 +50,11 @@ def test_sigkill_at_random_moments(tmp_path):
     start = 0
     mid_save_kills = 0
     for _ in range(KILLS):
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "_writer.py"), store, "kill", str(start)],
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "_writer.py"), store, "kill", str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert p.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
@@ -76,8 +79,9 @@ def test_sigkill_at_random_moments(tmp_path):
 def test_kill_leaves_previous_checkpoint_loadable(tmp_path, delay):
     store = str(tmp_path / "store")
     CheckpointManager(store).create_checkpoint("kill", 0, make_state(0), {}, telemetry_history=history(0))
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "_writer.py"), store, "kill", "1"],
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "_writer.py"), store, "kill", "1"], stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline().strip() == "ready"
     time.sleep(delay)
     p.kill()
