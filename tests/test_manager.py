@@ -274,3 +274,33 @@ def test_stale_staging_from_dead_writer_is_removed_live_one_kept(tmp_path):
         holder.stdout.close()
     assert m.store.cleanup_stale() == 1
     assert os.listdir(staging) == []
+
+
+def test_long_text_telemetry_and_tricky_names(mgr):
+    n = 65536 + 3  # a text column with a partial last chunk
+    hist = {"iter": np.arange(n), "phase": ["GREEN", "RED", "AMBER"] * (n // 3)}
+    cid = mgr.create_checkpoint(
+        "r", 1, {"zarr.json": np.ones(2), "ZARR.JSON": 1, "c.0": np.zeros(1)}, {}, telemetry_history=hist
+    )
+    out = mgr.load_checkpoint(cid)
+    assert list(out["telemetry"]["phase"][-3:]) == ["GREEN", "RED", "AMBER"]
+    assert sorted(out["state"]) == sorted(["zarr.json", "ZARR.JSON", "c.0"])
+    assert mgr.verify_checkpoint(cid).ok
+
+
+@pytest.mark.parametrize("name", ["a\\b", "zarr.json", "__x", "event_x", "", "x/y", "é", "a b"])
+def test_bad_telemetry_column_names_are_refused(mgr, name):
+    with pytest.raises(MetadataError, match="telemetry column name"):
+        mgr.create_checkpoint("r", 1, state(), {}, telemetry_history={"iter": [1], name: [1.0]})
+
+
+def test_case_colliding_telemetry_columns_are_refused(mgr):
+    with pytest.raises(MetadataError, match="equal up to case"):
+        mgr.create_checkpoint("r", 1, state(), {}, telemetry_history={"E": [1.0], "e": [2.0]})
+
+
+@pytest.mark.parametrize("field", ["flow_config", "certificates", "metadata"])
+def test_attrs_must_be_objects(mgr, field):
+    kwargs = {"flow_config": {}, field: [1, 2]}
+    with pytest.raises(MetadataError, match=f"{field}: expected a dict"):
+        mgr.create_checkpoint("r", 1, state(), **kwargs)

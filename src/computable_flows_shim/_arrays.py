@@ -28,7 +28,7 @@ from ._dtypes import fill_value_json, from_zarr_name, zarr_name
 from .errors import CheckpointCorruptError, CheckpointFormatError
 
 TARGET_CHUNK_BYTES = 4 << 20
-"""Numeric chunks hold at most this many bytes (unless one row is larger)."""
+"""Numeric chunks hold at most this many bytes (a long last axis is split too)."""
 MAX_METADATA_BYTES = 16 << 20
 """A zarr.json larger than this is refused (bounded memory on hostile input)."""
 STRING = "string"
@@ -61,10 +61,15 @@ def _is_slab(shape: tuple[int, ...], chunk: tuple[int, ...]) -> bool:
 def read_json(path: str, where: str) -> dict:
     """Parse a zarr.json with bounded size and depth; damage becomes our errors."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
             raw = f.read(MAX_METADATA_BYTES + 1)
     except FileNotFoundError:
         raise CheckpointCorruptError(f"{where}: missing {os.path.basename(path)}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointFormatError(f"{where}: {os.path.basename(path)} is a symlink") from None
+        raise
     if len(raw) > MAX_METADATA_BYTES:
         raise CheckpointFormatError(f"{where}: metadata larger than {MAX_METADATA_BYTES} bytes")
     try:
@@ -149,8 +154,10 @@ def _slab_span(layout: Layout, region: tuple[slice, ...], itemsize: int) -> tupl
 def chunk_buffers(array: np.ndarray, layout: Layout, coords: tuple[int, ...]) -> list:
     """The encoded bytes of one chunk, before the CRC, as a list of buffers."""
     region = layout.region(coords)
-    if layout.dtype is None:
-        return [_VLEN.encode(np.asarray(array[region], dtype=object))]
+    if layout.dtype is None:  # text: edge chunks padded with "" to the full chunk shape, as Zarr requires
+        full_text = np.full(layout.chunk_shape, "", dtype=object)
+        full_text[tuple(slice(0, s.stop - s.start) for s in region)] = array[region]
+        return [_VLEN.encode(full_text.reshape(-1))]
     chunk_bytes = math.prod(layout.chunk_shape) * array.itemsize
     if _is_slab(layout.shape, layout.chunk_shape) and array.flags.c_contiguous:
         flat = array.reshape(-1).view(np.uint8)

@@ -36,13 +36,22 @@ from ._arrays import (
     write_file,
 )
 from ._dtypes import EXTENSION_NAMES
-from ._tree import Leaf, check_against_target, flatten, iter_leaf_nodes, keystr, scalar_value, target_leaves, unflatten
+from ._tree import (
+    KEY_IMPLS,
+    Leaf,
+    check_against_target,
+    flatten,
+    iter_leaf_nodes,
+    keystr,
+    scalar_value,
+    target_leaves,
+    unflatten,
+)
 from ._types import PyTree
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, TargetMismatchError
 
 TELEMETRY_CHUNK = 65536
 """Samples per telemetry chunk."""
-KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 _POOL = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="cfs-io")
 
 
@@ -433,6 +442,12 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
             p = os.path.join(base, f)
             if p not in expected_files and f != "zarr.json":
                 problems.append(f"checkpoint {checkpoint!r}: unexpected file {os.path.relpath(p, dirpath)!r}")
+    if not problems:  # the bytes are intact: now everything load checks beyond them
+        try:
+            read_state(dirpath, attrs, checkpoint)
+            read_telemetry(dirpath, checkpoint)
+        except CheckpointError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWarning,
     CheckpointWriteError,
+    MetadataError,
 )
 
 
@@ -69,6 +71,14 @@ class VerifyReport:
 
     def __bool__(self) -> bool:
         return self.ok
+
+
+def _mapping(value: Any, name: str) -> Any:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MetadataError(f"{name}: expected a dict (JSON object), got {type(value).__name__}")
+    return value
 
 
 def _now() -> str:
@@ -128,9 +138,9 @@ class CheckpointManager:
             S.A_RUN_ID: run_id,
             S.A_ITERATION: int(iteration),
             S.A_CREATED_AT: _now(),
-            S.A_FLOW_CONFIG: to_json(flow_config or {}, "flow_config"),
-            S.A_CERTIFICATES: to_json(certificates or {}, "certificates"),
-            S.A_METADATA: to_json(metadata or {}, "metadata"),
+            S.A_FLOW_CONFIG: to_json(_mapping(flow_config, "flow_config"), "flow_config"),
+            S.A_CERTIFICATES: to_json(_mapping(certificates, "certificates"), "certificates"),
+            S.A_METADATA: to_json(_mapping(metadata, "metadata"), "metadata"),
             S.A_LINEAGE: lineage,
         }
 
@@ -154,7 +164,7 @@ class CheckpointManager:
         with the same state and telemetry and lineage pointing back.  Array files
         are hard-linked where the file system allows (else copied)."""
         src = self._dir(checkpoint_id)
-        attrs = _codec.read_attrs(src, f"checkpoint {checkpoint_id!r}")
+        attrs = self._attrs(checkpoint_id)
         it = attrs[S.A_ITERATION] if iteration is None else iteration
         cid = S.make_checkpoint_id(target_run_id, it)
         new = {
@@ -257,6 +267,10 @@ class CheckpointManager:
     def verify_checkpoint(self, checkpoint_id: CheckpointId) -> VerifyReport:
         """Read every chunk of every array and report what is damaged."""
         path = self._dir(checkpoint_id)
+        try:
+            self._attrs(checkpoint_id)
+        except CheckpointError as e:
+            return VerifyReport(checkpoint_id, [str(e)])
         return VerifyReport(checkpoint_id, _codec.verify_group(path, checkpoint_id))
 
     # ------------------------------------------------------------ removing

@@ -19,6 +19,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -119,7 +120,10 @@ class LocalDirectoryStore(Store):
         return os.path.join(self.root, name)
 
     def exists(self, name: str) -> bool:
-        return os.path.isdir(self.path(name))
+        try:
+            return stat.S_ISDIR(os.lstat(self.path(name)).st_mode)  # a symlink is never a checkpoint
+        except FileNotFoundError:
+            return False
 
     def _lock(self, name: str) -> tuple[str, int]:
         """Create and hold the lock of a fresh staging token (see module docstring)."""

@@ -10,7 +10,7 @@ per column along the ``iter`` dimension, three event columns along ``event``
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +23,7 @@ from ._jsonattrs import to_json
 from .errors import MetadataError
 
 EVENT_KEYS = ("type", "iter", "payload")
+_COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
 
 def _column(name: str, values: Any) -> np.ndarray:
@@ -66,8 +67,16 @@ def normalize(history: Any) -> tuple[dict[str, np.ndarray], list[dict]]:
     if len(set(lengths.values())) > 1:
         raise MetadataError(f"telemetry columns have different lengths: {lengths}")
     for n in cols:
-        if n.startswith(S.T_EVENT_DIM + "_") or n in (S.T_EVENT_DIM, "") or "/" in n or n.startswith("."):
-            raise MetadataError(f"telemetry column name {n!r} is reserved or not a valid array name")
+        if not _COLUMN_RE.match(n) or n.startswith(S.T_EVENT_DIM) or n.lower() == "zarr.json" or n.startswith("__"):
+            raise MetadataError(
+                f"telemetry column name {n!r}: expected 1-64 characters from A-Z a-z 0-9 '_' '.' '-', starting with a "
+                f"letter or '_', not starting with {S.T_EVENT_DIM!r} or '__' (names are also xarray variable names)"
+            )
+    folded = Counter(n.lower() for n in cols)
+    if len(folded) != len(cols):
+        raise MetadataError(
+            f"telemetry column names equal up to case: {sorted(n for n in cols if folded[n.lower()] > 1)}"
+        )
     if S.T_SAMPLE_DIM in cols and cols[S.T_SAMPLE_DIM].dtype.kind not in "iu":
         raise MetadataError(f"telemetry column {S.T_SAMPLE_DIM!r} must hold integers, got {cols[S.T_SAMPLE_DIM].dtype}")
     norm_events = []
@@ -94,9 +103,8 @@ def events_from_columns(cols: dict[str, np.ndarray]) -> list[dict]:
     return [{"type": str(t), "iter": int(i), "payload": json.loads(p)} for i, t, p in zip(its, types, payloads)]
 
 
-def _finite(x: Any) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
+def _finite(x: Any) -> Any:
+    return to_json(float(x), "telemetry_summary")  # non-finite as "NaN"/"Infinity", like all attrs
 
 
 def summarize(cols: dict[str, np.ndarray], events: list[dict], iteration: int) -> dict:

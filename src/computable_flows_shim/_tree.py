@@ -56,6 +56,8 @@ def encode_name(key: Any) -> str:
         name = name.replace(".", "%2E")
     elif name.startswith("__"):
         name = "%5F" + name[1:]
+    elif name.lower() == "zarr.json":  # would collide with the group's own metadata file
+        name = "%" + format(ord(name[0]), "02X") + name[1:]
     if len(name) > 200:
         name = name[:100] + "%h" + hashlib.sha256(key.encode()).hexdigest()[:32]
     return name
@@ -92,9 +94,16 @@ def _is_prng_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+"""PRNG implementations the format names (spec/FORMAT.md, "Arrays")."""
+
+
 def _leaf_array(x: Any, kp: KeyPath) -> tuple[np.ndarray, str | None]:
     if _is_prng_key(x):
-        return np.asarray(jax.random.key_data(x)), str(jax.random.key_impl(x))
+        impl = str(jax.random.key_impl(x))
+        if impl not in KEY_IMPLS:
+            raise UnsupportedLeafError(f"{keystr(kp)}: PRNG key implementation {impl!r} is not one of {KEY_IMPLS}")
+        return np.asarray(jax.random.key_data(x)), impl
     a = np.asarray(x)
     if zarr_name(a.dtype) is None:
         raise UnsupportedLeafError(
