@@ -277,7 +277,8 @@ def test_stale_staging_from_dead_writer_is_removed_live_one_kept(tmp_path):
 
 
 def test_long_text_telemetry_and_tricky_names(mgr):
-    n = 65536 + 3  # a text column with a partial last chunk
+    n = 65536 + 3  # a text column with a partial last chunk (65539 = 3 * 21846 + 1: use 65538)
+    n -= 1
     hist = {"iter": np.arange(n), "phase": ["GREEN", "RED", "AMBER"] * (n // 3)}
     cid = mgr.create_checkpoint(
         "r", 1, {"zarr.json": np.ones(2), "ZARR.JSON": 1, "c.0": np.zeros(1)}, {}, telemetry_history=hist
