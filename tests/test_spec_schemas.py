@@ -1,0 +1,60 @@
+"""The JSON Schemas in spec/schemas/ accept what we write and refuse what we must not."""
+
+import collections
+import json
+import os
+
+import jax
+import jsonschema
+import numpy as np
+import pytest
+
+SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spec", "schemas")
+
+
+def schema(name):
+    with open(os.path.join(SPEC, name)) as f:
+        s = json.load(f)
+    jsonschema.Draft202012Validator.check_schema(s)
+    return jsonschema.Draft202012Validator(s)
+
+
+def test_written_attrs_validate(mgr):
+    NT = collections.namedtuple("NT", "a b")
+    tree = {"x": np.ones((2, 3)), "k": jax.random.key(1), "l": [1, 2.5, None, "s", float("nan"), 1j], "n": NT(1, {})}
+    hist = {"iter": [0, 1], "E": [1.0, float("nan")], "phase": ["RED", "GREEN"], "events": [{"type": "X", "iter": 1}]}
+    cid = mgr.create_checkpoint("r", 3, tree, {"lr": 0.1}, telemetry_history=hist, certificates={"gamma": 0.5})
+    rb = mgr.rollback_to_checkpoint(cid, "b")
+    root_v, arr_v = schema("checkpoint-attrs.schema.json"), schema("array-attrs.schema.json")
+    for c in (cid, rb):
+        path = mgr.checkpoint_path(c)
+        with open(os.path.join(path, "zarr.json")) as f:
+            root_v.validate(json.load(f)["attributes"])
+        n = 0
+        for base, _, files in os.walk(path):
+            if "zarr.json" in files and base != path:
+                with open(os.path.join(base, "zarr.json")) as f:
+                    doc = json.load(f)
+                if doc["node_type"] == "array":
+                    arr_v.validate(doc["attributes"])
+                    n += 1
+        assert n >= 8
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda a: a.pop("run_id"),
+        lambda a: a.update(format_version="1"),
+        lambda a: a.update(run_id="../x"),
+        lambda a: a["pytree"].update(kind="pickle"),
+    ],
+)
+def test_schema_refuses_bad_attrs(mgr, mutate):
+    cid = mgr.create_checkpoint("r", 1, {"x": np.ones(2)}, {})
+    with open(os.path.join(mgr.checkpoint_path(cid), "zarr.json")) as f:
+        attrs = json.load(f)["attributes"]
+    schema("checkpoint-attrs.schema.json").validate(attrs)
+    mutate(attrs)
+    with pytest.raises(jsonschema.ValidationError):
+        schema("checkpoint-attrs.schema.json").validate(attrs)
