@@ -9,22 +9,27 @@ from computable_flows_shim import CheckpointManager
 from computable_flows_shim._cli import main
 
 
-def test_demo_list_show_verify_cleanup(tmp_path, capsys):
+def test_run_ls_show_resume_rollback_verify_rm(tmp_path, capsys):
     root = str(tmp_path / "ck")
-    assert main(["--root", root, "demo", "--run", "d", "--iterations", "300", "--interval", "100"]) == 0
+    assert main(["--store", root, "run", "deconv1d", "--run-id", "d", "--iters", "300", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "saved d-i000000000300" in out and "rolled back: d-branch-i000000000200" in out
-    assert main(["--root", root, "list", "--json"]) == 0
+    assert "run d: 300 iterations" in out and "last checkpoint d-i000000000300" in out
+    assert main(["--store", root, "resume", "d", "--iters", "400", "--quiet"]) == 0
+    assert "run d: 400 iterations" in capsys.readouterr().out
+    assert main(["--store", root, "rollback", "d-i000000000200", "--to-run", "d-branch"]) == 0
+    assert capsys.readouterr().out.strip() == "d-branch-i000000000200"
+    assert main(["--store", root, "ls", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [r["checkpoint_id"] for r in listed][0] == "d-branch-i000000000200"
-    assert {r["run_id"] for r in listed} == {"d", "d-branch"}
-    assert main(["--root", root, "show", "d-i000000000100", "--json"]) == 0
+    assert listed[0]["checkpoint_id"] == "d-branch-i000000000200"
+    assert {r["run_id"] for r in listed} == {"d", "d-branch"} and len(listed) == 5
+    assert main(["--store", root, "show", "d-i000000000100", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert {leaf["leaf"] for leaf in shown["leaves"]} >= {"state['x']", "state['A']"}
-    assert main(["--root", root, "verify"]) == 0
-    assert capsys.readouterr().out.count(": OK") == 4
-    assert main(["--root", root, "cleanup", "d", "--keep-last", "1"]) == 0
-    assert "deleted 2" in capsys.readouterr().out
+    assert {leaf["leaf"] for leaf in shown["leaves"]} == {"state['x']", "state['y']", "state['key']", "state['alpha']"}
+    assert shown["certificates"]["phase"] == "GREEN"
+    assert main(["--store", root, "verify"]) == 0
+    assert capsys.readouterr().out.count(": OK") == 5
+    assert main(["--store", root, "rm", "d-i000000000100", "nope-i000000000001"]) == 1
+    assert len(CheckpointManager(root).list_checkpoints("d")) == 3
 
 
 def test_verify_reports_damage_and_fails(tmp_path, capsys):

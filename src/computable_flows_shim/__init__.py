@@ -4,7 +4,13 @@ Each checkpoint is a plain Zarr v3 group (see spec/FORMAT.md) that zarr-python,
 tensorstore, xarray and dask open without this package.
 """
 
+from ._certificates import compute_certificates
+from ._engine import FlowResult, resume_flow, run_flow
+from ._examples import EXAMPLES, make_example
+from ._flow import Flow, build_flow
 from ._manager import CheckpointInfo, CheckpointManager, VerifyReport
+from ._primitives import F_Dis, F_Multi, F_Proj, soft_threshold
+from ._recorder import TelemetryRecorder
 from ._spec import FORMAT_NAME, FORMAT_VERSION
 from ._store import LocalDirectoryStore, Store
 from ._types import CheckpointId, PyTree, RunId, Step
@@ -17,6 +23,9 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWarning,
     CheckpointWriteError,
+    ComputableFlowsError,
+    FlowDivergedError,
+    FlowSpecError,
     InvalidRunIdError,
     MetadataError,
     TargetMismatchError,
@@ -26,6 +35,22 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "EXAMPLES",
+    "F_Dis",
+    "F_Multi",
+    "F_Proj",
+    "Flow",
+    "FlowDivergedError",
+    "FlowResult",
+    "FlowSpecError",
+    "ComputableFlowsError",
+    "TelemetryRecorder",
+    "build_flow",
+    "compute_certificates",
+    "make_example",
+    "resume_flow",
+    "run_flow",
+    "soft_threshold",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "CheckpointCorruptError",

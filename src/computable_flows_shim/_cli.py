@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_ROOT = os.environ.get("CFS_ROOT", "checkpoints")
+DEFAULT_STORE = os.environ.get("CFS_STORE", "runs")
 
 
 def _manager(args: argparse.Namespace):
@@ -131,62 +131,151 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Create, list, load and roll back checkpoints of a small gradient-descent flow."""
-    import numpy as np
+def _progress(args: argparse.Namespace, total: int, start: int):
+    """A tqdm bar on a terminal; otherwise a log line at every checkpoint."""
+    if sys.stderr.isatty() and not getattr(args, "quiet", False):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True, file=sys.stderr)
+
+        def update(p: dict) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"E={p['E']:.6g} {p['phase']} ckpt={p['checkpoint'] or '-'}", refresh=False)
+            if p["iter"] >= p["end"]:
+                bar.close()
+
+        return update
+    last = [None]
+
+    def log(p: dict) -> None:
+        if p["checkpoint"] != last[0] and not getattr(args, "quiet", False):
+            last[0] = p["checkpoint"]
+            print(
+                f"iter {p['iter']}/{p['end']}  E={p['E']:.6g}  {p['phase']}  checkpoint {p['checkpoint']}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return log
+
+
+def _report(args: argparse.Namespace, result) -> int:
+    store = os.path.abspath(args.root)
+    if result.status == "interrupted":
+        import signal
+
+        name = signal.Signals(result.signal).name if result.signal else "a signal"
+        print(
+            f"\ninterrupted by {name} at iteration {result.iteration}; saved checkpoint {result.last_checkpoint}.\n"
+            f"resume with:  cfs --store {store} resume {result.last_checkpoint}",
+            file=sys.stderr,
+        )
+        return 128 + (result.signal or 0)
+    e = result.telemetry["E"]
+    print(
+        f"run {result.run_id}: {result.iteration} iterations, E {e[0]:.6g} -> {e[-1]:.6g}, "
+        f"certificates {result.certificates['phase']} (eta_dd={result.certificates['eta_dd']:.3g}, "
+        f"gamma={result.certificates['gamma']:.3g}), last checkpoint {result.last_checkpoint}"
+    )
+    last_path = os.path.join(store, str(result.last_checkpoint))
+    if not getattr(args, "quiet", False):
+        print(f"""
+next, try:
+  cfs --store {store} ls
+  cfs --store {store} show {result.last_checkpoint}
+  cfs --store {store} resume {result.run_id} --iters {result.iteration + 500}
+  cfs --store {store} rollback {result.checkpoints[len(result.checkpoints) // 2]} --to-run {result.run_id}-branch
+  python -c "import xarray as xr; print(xr.open_zarr('{last_path}', group='telemetry'))"
+""")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import make_example, run_flow
+
+    spec, y, default_iters = make_example(args.example, seed=args.seed)
+    iters = args.iters if args.iters is not None else default_iters
+    return _report(
+        args,
+        run_flow(
+            spec,
+            y,
+            iters=iters,
+            seed=args.seed,
+            checkpoint_manager=_manager(args),
+            checkpoint_interval=args.checkpoint_every,
+            run_id=args.run_id,
+            telemetry_every=args.telemetry_every,
+            progress=_progress(args, iters, 0),
+        ),
+    )
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from . import resume_flow
+    from ._spec import is_checkpoint_id
 
     mgr = _manager(args)
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((64, 32))
-    y = a @ rng.standard_normal(32)
-    x = np.zeros(32)
-    step = 1.0 / np.linalg.norm(a, 2) ** 2
-    hist: dict[str, list] = {"iter": [], "E": [], "grad_norm": [], "phase": []}
-    import datetime as dt
-
-    run_id = args.run or "demo-" + dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    ids = []
-    for it in range(1, args.iterations + 1):
-        g = a.T @ (a @ x - y)
-        x = x - step * g
-        e = 0.5 * float(np.sum((a @ x - y) ** 2))
-        for k, v in zip(hist, (it, e, float(np.linalg.norm(g)), "GREEN" if e < 1 else "AMBER")):
-            hist[k].append(v)
-        if it % args.interval == 0:
-            state = {"x": x, "y": y, "A": a, "opt": {"step": np.float64(step), "iteration": np.int64(it)}}
-            ids.append(
-                mgr.create_checkpoint(
-                    run_id,
-                    it,
-                    state,
-                    {"kind": "least-squares", "step": step},
-                    telemetry_history=hist,
-                    certificates={"eta_dd": 0.0, "gamma": 0.0},
-                )
-            )
-            print(f"saved {ids[-1]}  E={e:.6g}")
-    print()
-    cmd_list(argparse.Namespace(root=args.root, run=run_id, json=False))
-    mid = ids[len(ids) // 2]
-    loaded = mgr.load_checkpoint(mid)
-    print(
-        f"\nloaded {mid}: iteration {loaded['iteration']}, |x| = {np.linalg.norm(loaded['state']['x']):.6g}, "
-        f"{len(loaded['telemetry']['E'])} telemetry samples"
+    cid = args.target if is_checkpoint_id(args.target) else mgr.get_latest_checkpoint(args.target)
+    if cid is None:
+        print(f"cfs: error: no checkpoints of run {args.target!r} in {os.path.abspath(args.root)}", file=sys.stderr)
+        return 2
+    info = mgr.open_checkpoint(cid)
+    end = args.iters if args.iters is not None else int(info.metadata.get("target_iters", info.iteration))
+    if end < info.iteration:
+        print(f"cfs: error: --iters {end} is before the checkpoint's iteration {info.iteration}", file=sys.stderr)
+        return 2
+    return _report(
+        args, resume_flow(cid, mgr, remaining_iters=end - info.iteration, progress=_progress(args, end, info.iteration))
     )
-    branch = mgr.rollback_to_checkpoint(mid, f"{run_id}-branch")
-    print(f"rolled back: {branch} (lineage {mgr.load_checkpoint(branch)['lineage']})")
-    print(f"verify {ids[-1]}: {'OK' if mgr.verify_checkpoint(ids[-1]).ok else 'DAMAGED'}")
-    print(f"\nopen with xarray: xarray.open_zarr({mgr.checkpoint_path(ids[-1])!r}, group='telemetry')")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    new = _manager(args).rollback_to_checkpoint(args.checkpoint_id, args.to_run)
+    print(new)
     return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    mgr = _manager(args)
+    missing = [cid for cid in args.checkpoint_ids if not mgr.delete_checkpoint(cid)]
+    for cid in missing:
+        print(f"cfs: no checkpoint {cid!r}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cfs", description="Checkpoints for computable flows (Zarr v3).")
     p.add_argument(
-        "--root", default=DEFAULT_ROOT, help="checkpoint store directory (default: $CFS_ROOT or ./checkpoints)"
+        "--store",
+        "--root",
+        dest="root",
+        default=DEFAULT_STORE,
+        help="checkpoint store directory (default: $CFS_STORE or ./runs)",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("list", help="list checkpoints, newest first")
+    s = sub.add_parser("run", help="run a built-in example flow with periodic checkpoints")
+    s.add_argument("example", nargs="?", default="deblur2d", help="deblur2d (default) or deconv1d")
+    s.add_argument("--run-id", default=None, help="default: run-<UTC time>-<random>")
+    s.add_argument("--iters", type=int, default=None, help="default: the example's own count")
+    s.add_argument("--checkpoint-every", type=int, default=100)
+    s.add_argument("--telemetry-every", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_run)
+    s = sub.add_parser("resume", help="continue a run from its latest (or the given) checkpoint")
+    s.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    s.add_argument("--iters", type=int, default=None, help="total iterations to reach (default: the run's own)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_resume)
+    s = sub.add_parser("rollback", help="branch a new run from a checkpoint")
+    s.add_argument("checkpoint_id")
+    s.add_argument("--to-run", required=True)
+    s.set_defaults(func=cmd_rollback)
+    s = sub.add_parser("rm", help="delete checkpoints")
+    s.add_argument("checkpoint_ids", nargs="+")
+    s.set_defaults(func=cmd_rm)
+    s = sub.add_parser("ls", aliases=["list"], help="list checkpoints, newest first")
     s.add_argument("--run", help="only this run")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_list)
@@ -202,11 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--keep-last", type=int, default=5)
     s.set_defaults(func=cmd_cleanup)
-    s = sub.add_parser("demo", help="run a small flow that creates, lists, loads and rolls back checkpoints")
-    s.add_argument("--run", default=None, help="run id (default: demo-<UTC timestamp>)")
-    s.add_argument("--iterations", type=int, default=500)
-    s.add_argument("--interval", type=int, default=100)
-    s.set_defaults(func=cmd_demo)
     return p
 
 

@@ -1,6 +1,6 @@
 """Every error the library raises on purpose.
 
-One base class, :class:`CheckpointError`; each subclass also inherits the builtin
+One base class, :class:`ComputableFlowsError`; each subclass also inherits the builtin
 exception that callers already catch (``FileNotFoundError``, ``ValueError`` ...),
 so ``except FileNotFoundError`` keeps working for code that does not know us.
 """
@@ -8,6 +8,9 @@ so ``except FileNotFoundError`` keeps working for code that does not know us.
 from __future__ import annotations
 
 __all__ = [
+    "ComputableFlowsError",
+    "FlowSpecError",
+    "FlowDivergedError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointExistsError",
@@ -22,8 +25,27 @@ __all__ = [
 ]
 
 
-class CheckpointError(Exception):
+class ComputableFlowsError(Exception):
     """Base class of every error raised by computable_flows_shim on purpose."""
+
+
+class FlowSpecError(ComputableFlowsError, ValueError):
+    """Raised when a flow spec (the plain-data ``flow_config``) is malformed: an unknown
+    term or operator kind, shapes that do not fit, a bad parameter.  Names the field."""
+
+
+class FlowDivergedError(ComputableFlowsError, FloatingPointError):
+    """Raised when a flow's energy becomes NaN or infinite.  The bad state is not
+    checkpointed; ``last_good_checkpoint`` names the newest checkpoint saved before."""
+
+    def __init__(self, message: str, iteration: int, last_good_checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.iteration = iteration
+        self.last_good_checkpoint = last_good_checkpoint
+
+
+class CheckpointError(ComputableFlowsError):
+    """Base class of the checkpoint errors (store, format, load, save)."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
