@@ -44,7 +44,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
             "nonsmooth": {"kind": "wavelet_l1", "lam": 2e-3, "levels": 4},
             "step": "certified",
         },
-        "iters": 5000,
+        "iters": 8000,
         "noise": 0.01,
     },
     "deconv1d": {
