@@ -191,15 +191,48 @@ def write_file(path: str, bufs: list, durable: bool) -> None:
         os.close(fd)
 
 
-def write_chunk(array: np.ndarray, layout: Layout, coords: tuple[int, ...], dirpath: str, durable: bool) -> int:
-    """Write one chunk file; returns its CRC32C (also stored in the file)."""
+def _same_file_bytes(path: str, bufs: list) -> bool:
+    """True when the file at ``path`` holds exactly the concatenation of ``bufs``."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size != sum(len(v) for v in views):
+            return False
+        for v in views:
+            if f.read(len(v)) != v:
+                return False
+    return True
+
+
+def write_chunk(
+    array: np.ndarray,
+    layout: Layout,
+    coords: tuple[int, ...],
+    dirpath: str,
+    durable: bool,
+    base: tuple[str, int] | None = None,
+) -> tuple[int, int]:
+    """Write one chunk file; returns ``(crc32c, bytes written)``.
+
+    ``base`` is ``(path, crc)`` of the same chunk in an earlier checkpoint of the run
+    with the same layout.  When its CRC matches and its bytes are identical, the
+    chunk is hard-linked instead of written (an incremental save): the file is
+    immutable, and a link keeps this checkpoint whole when the other is deleted."""
     bufs = chunk_buffers(array, layout, coords)
     crc = 0
     for b in bufs:
         crc = _crc.crc32c(b, crc)
     bufs.append(crc.to_bytes(S.CRC_BYTES, "little"))
-    write_file(os.path.join(dirpath, layout.key(coords)), bufs, durable)
-    return crc
+    path = os.path.join(dirpath, layout.key(coords))
+    if base is not None and base[1] == crc:
+        try:
+            if _same_file_bytes(base[0], bufs):
+                os.link(base[0], path, follow_symlinks=False)
+                return crc, 0
+        except OSError:  # base deleted meanwhile, too many links, another file system: write it
+            pass
+    write_file(path, bufs, durable)
+    return crc, sum(len(memoryview(b).cast("B")) for b in bufs)
 
 
 # ---------------------------------------------------------------- reading

@@ -119,8 +119,16 @@ def _loop(
         cid = S.make_checkpoint_id(run_id, it)
         rec.event("CHECKPOINT_CREATED", it, checkpoint_id=cid)  # logged first: the checkpoint holds its own event
         state = {"x": x, "y": y, "key": key, "alpha": alpha}
+        # blocking=False: the state is copied to host memory now and written while the flow goes on
         mgr.create_checkpoint(
-            run_id, it, state, flow.spec, telemetry_history=rec.history(), certificates=certs, metadata=meta
+            run_id,
+            it,
+            state,
+            flow.spec,
+            telemetry_history=rec.history(),
+            certificates=certs,
+            metadata=meta,
+            blocking=False,
         )
         checkpoints.append(cid)
         last = cid
@@ -133,6 +141,8 @@ def _loop(
             e_val = float(e)
             if not math.isfinite(e_val):
                 rec.event("DIVERGED", it + 1, E=str(e_val))
+                if mgr is not None:
+                    mgr.wait_until_finished()  # the last good checkpoint is committed before we report it
                 raise FlowDivergedError(
                     f"run {run_id!r} diverged at iteration {it + 1}: energy {e_val}; the state was not checkpointed. "
                     + (f"Last good checkpoint: {last}." if last else "No checkpoint was written.")
@@ -165,6 +175,8 @@ def _loop(
                 progress({"iter": it, "end": end, "E": e_val, "phase": ph, "checkpoint": last})
             if stop:
                 break
+    if mgr is not None:
+        mgr.wait_until_finished()
     status = "finished" if it == end else "interrupted"
     state = {"x": np.asarray(x), "y": np.asarray(y), "key": key, "alpha": np.asarray(alpha)}
     return FlowResult(state, rec.history(), run_id, it, status, certs, last, checkpoints, sigs.received)

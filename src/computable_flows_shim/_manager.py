@@ -3,11 +3,16 @@ a store (where bytes go and how they commit) and retention (what to keep)."""
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import os
+import sys
 import warnings
+import weakref
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from . import _codec
@@ -73,6 +78,19 @@ class VerifyReport:
         return self.ok
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_pending_saves() -> None:
+    """At interpreter exit, finish background saves; a failure is reported, never silent."""
+    for mgr in list(_LIVE):
+        try:
+            mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - reported, nothing else can be done at exit
+            print(f"computable_flows_shim: a background checkpoint save failed: {e}", file=sys.stderr)
+
+
 def _mapping(value: Any, name: str) -> Any:
     if value is None:
         return {}
@@ -103,6 +121,31 @@ class CheckpointManager:
         self.store: Store = root if isinstance(root, Store) else LocalDirectoryStore(root)
         self.durable = durable
         self.store.cleanup_stale()
+        self.last_save_stats: _codec.WriteStats | None = None
+        """Bytes written and chunks hard-linked by the most recent completed save."""
+        self._last_saved: dict[str, str] = {}
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfs-save")
+        self._pending: Future | None = None
+        _LIVE.add(self)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def wait_until_finished(self) -> None:
+        """Block until the save in flight (``blocking=False``) has committed; re-raise its failure."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Finish the save in flight (raising its failure) and stop the background saver."""
+        try:
+            self.wait_until_finished()
+        finally:
+            self._saver.shutdown(wait=True)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.store!r})"
@@ -117,16 +160,49 @@ class CheckpointManager:
         telemetry_history: Any = None,
         certificates: dict | None = None,
         metadata: dict | None = None,
+        *,
+        blocking: bool = True,
     ) -> CheckpointId:
         """Save ``state`` (any pytree) and its context as a new, committed checkpoint.
 
         Raises InvalidRunIdError before writing anything for a bad ``run_id``,
         CheckpointExistsError if ``(run_id, iteration)`` is already saved, and
         CheckpointWriteError (nothing committed, temporary removed) on I/O errors.
+
+        With ``blocking=False`` it returns as soon as the state is copied to host
+        memory and checked; the writing goes on in a background thread.  At most one
+        save is in flight: the next save first waits for it, and its failure is raised
+        by the next save, :meth:`wait_until_finished` or :meth:`close`.
+
+        Chunks identical to the run's previous checkpoint are hard-linked, not
+        written again (``last_save_stats`` says how many bytes were written).
         """
+        self.wait_until_finished()
         cid = S.make_checkpoint_id(run_id, iteration)
         attrs = self._base_attrs(cid, run_id, iteration, flow_config, certificates, metadata, lineage={})
-        return self._write(cid, lambda tmp: _codec.write_group(tmp, attrs, state, telemetry_history, self.durable))
+        if self.store.exists(cid):
+            raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {self.store}")
+        prepared = _codec.Prepared.of(attrs, state, telemetry_history, copy=not blocking)
+        job = partial(self._save, run_id, cid, prepared, self._base_dir(run_id))
+        if blocking:
+            job()
+        else:
+            self._pending = self._saver.submit(job)
+        return cid
+
+    def _base_dir(self, run_id: str) -> str | None:
+        """The run's most recent checkpoint (for incremental saves), from names alone."""
+        last = self._last_saved.get(run_id)
+        if last is None or not self.store.exists(last):
+            ids = [n for n in self.store.names() if (m := S.CHECKPOINT_ID_RE.match(n)) and m.group("run") == run_id]
+            last = max(ids, default=None)
+        return self.store.path(last) if last is not None else None
+
+    def _save(self, run_id: str, cid: str, prepared: _codec.Prepared, base_dir: str | None) -> None:
+        stats: list[_codec.WriteStats] = []
+        self._write(cid, lambda tmp: stats.append(_codec.write_group(tmp, prepared, self.durable, base_dir)))
+        self.last_save_stats = stats[0]
+        self._last_saved[run_id] = cid
 
     def _base_attrs(
         self, cid: str, run_id: str, iteration: int, flow_config: Any, certificates: Any, metadata: Any, lineage: dict
@@ -163,6 +239,7 @@ class CheckpointManager:
         """Branch a new run from a checkpoint: a new checkpoint in ``target_run_id``
         with the same state and telemetry and lineage pointing back.  Array files
         are hard-linked where the file system allows (else copied)."""
+        self.wait_until_finished()
         src = self._dir(checkpoint_id)
         attrs = self._attrs(checkpoint_id)
         it = attrs[S.A_ITERATION] if iteration is None else iteration
