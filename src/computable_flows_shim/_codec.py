@@ -164,7 +164,10 @@ class WriteStats:
 
 
 def _base_chunks(base_dir: str | None, arr: _Array) -> list[tuple[str, int] | None]:
-    """For each chunk of ``arr``: the same chunk in ``base_dir`` if its layout matches."""
+    """For each chunk of ``arr``: the chunk at the same grid position in ``base_dir``'s
+    array of the same path, dtype and chunk shape (the shapes may differ: a telemetry
+    column grows between checkpoints, and its full chunks stay the same).  Whether
+    the bytes really are the same is checked when writing."""
     none: list[tuple[str, int] | None] = [None] * arr.layout.nchunks
     if base_dir is None:
         return none
@@ -173,14 +176,14 @@ def _base_chunks(base_dir: str | None, arr: _Array) -> list[tuple[str, int] | No
         layout, crcs, _ = parse_array(read_json(os.path.join(adir, "zarr.json"), adir), adir)
     except (CheckpointError, OSError):
         return none
-    if (layout.shape, layout.dtype, layout.chunk_shape, layout.separator) != (
-        arr.layout.shape,
+    if (layout.dtype, layout.chunk_shape, layout.separator) != (
         arr.layout.dtype,
         arr.layout.chunk_shape,
         arr.layout.separator,
     ):
         return none
-    return [(os.path.join(adir, layout.key(c)), crc) for c, crc in zip(layout.coords(), crcs)]
+    base = {c: (os.path.join(adir, layout.key(c)), crc) for c, crc in zip(layout.coords(), crcs)}
+    return [base.get(c) for c in arr.layout.coords()]
 
 
 def write_group(dirpath: str, prepared: Prepared, durable: bool = True, base_dir: str | None = None) -> WriteStats:
