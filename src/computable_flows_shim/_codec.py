@@ -114,10 +114,10 @@ class _Array:
     attrs: dict
 
 
-def _state_arrays(leaves: list[Leaf], copy: bool) -> list[_Array]:
+def _state_arrays(leaves: list[Leaf]) -> list[_Array]:
     out = []
     for leaf in leaves:
-        a = np.array(leaf.array, order="C", copy=True) if copy else np.require(leaf.array, requirements="C")
+        a = np.require(leaf.array, requirements="C")
         attrs = {S.AA_KEY_IMPL: leaf.key_impl} if leaf.key_impl else {}
         layout = Layout(a.shape, a.dtype, slab_chunk_shape(a.shape, a.itemsize))
         out.append(
@@ -126,13 +126,13 @@ def _state_arrays(leaves: list[Leaf], copy: bool) -> list[_Array]:
     return out
 
 
-def _telemetry_arrays(cols: dict[str, np.ndarray], events: list[dict], copy: bool) -> list[_Array]:
+def _telemetry_arrays(cols: dict[str, np.ndarray], events: list[dict]) -> list[_Array]:
     out = []
     for dim, group in ((S.T_SAMPLE_DIM, cols), (S.T_EVENT_DIM, T.event_columns(events))):
         for name, col in group.items():
             dtype = None if col.dtype == object else col.dtype
             layout = Layout(col.shape, dtype, (max(1, min(TELEMETRY_CHUNK, len(col))),))
-            data = np.array(col, copy=True) if copy else (col if dtype is None else np.require(col, requirements="C"))
+            data = col if dtype is None else np.require(col, requirements="C")
             out.append(_Array(f"{S.TELEMETRY_GROUP}/{name}", data, layout, [dim], {}))
     return out
 
@@ -150,7 +150,13 @@ class Prepared:
         tree, leaves = flatten(state)
         cols, events = T.normalize(telemetry_history)
         attrs = {**attrs, S.A_TELEMETRY_SUMMARY: T.summarize(cols, events, attrs[S.A_ITERATION]), S.A_TREE: tree}
-        return cls(attrs, _state_arrays(leaves, copy) + _telemetry_arrays(cols, events, copy))
+        arrays = _state_arrays(leaves) + _telemetry_arrays(cols, events)
+        if copy:  # the snapshot of an async save: numpy copies release the GIL, so copy in parallel
+            sizes = [a.data.nbytes for a in arrays]
+            copies = _run_batched([partial(np.array, a.data, copy=True) for a in arrays], sizes)
+            for a, c in zip(arrays, copies):
+                a.data = c
+        return cls(attrs, arrays)
 
 
 @dataclass
