@@ -15,6 +15,7 @@ import errno
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,6 +192,17 @@ def write_file(path: str, bufs: list, durable: bool) -> None:
         os.close(fd)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """A per-thread reusable buffer: fresh memory costs a page fault per 4 KiB on first touch."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _SCRATCH.buf = bytearray(max(n, TARGET_CHUNK_BYTES + S.CRC_BYTES))
+    return memoryview(buf)[:n]
+
+
 def _same_file_bytes(path: str, bufs: list) -> bool:
     """True when the file at ``path`` holds exactly the concatenation of ``bufs``."""
     views = [memoryview(b).cast("B") for b in bufs]
@@ -199,7 +211,11 @@ def _same_file_bytes(path: str, bufs: list) -> bool:
         if os.fstat(f.fileno()).st_size != sum(len(v) for v in views):
             return False
         for v in views:
-            if f.read(len(v)) != v:
+            got = _scratch(len(v))
+            if f.readinto(got) != len(v):
+                return False
+            # compared as numpy arrays: memoryview == memoryview goes element by element (30x slower)
+            if not np.array_equal(np.frombuffer(got, np.uint8), np.frombuffer(v, np.uint8)):
                 return False
     return True
 
