@@ -11,9 +11,22 @@ from ._flow import Flow, build_flow
 from ._manager import CheckpointInfo, CheckpointManager, VerifyReport
 from ._primitives import F_Dis, F_Multi, F_Proj, soft_threshold
 from ._recorder import TelemetryRecorder
+from ._retention import (
+    AnyOf,
+    KeepBest,
+    KeepEvery,
+    KeepLatest,
+    KeepPerInterval,
+    KeepTagged,
+    RetentionDecision,
+    RetentionPolicy,
+    RetentionReport,
+    any_of,
+)
 from ._spec import FORMAT_NAME, FORMAT_VERSION
 from ._store import LocalDirectoryStore, Store
 from ._types import CheckpointId, PyTree, RunId, Step
+from ._usage import CheckpointUsage, DiskUsage, RunUsage
 from ._view import CheckpointView, LazyArray
 from .errors import (
     CheckpointCorruptError,
@@ -27,6 +40,7 @@ from .errors import (
     FlowDivergedError,
     FlowSpecError,
     InvalidRunIdError,
+    InvalidTagError,
     MetadataError,
     TargetMismatchError,
     UnsupportedLeafError,
@@ -75,5 +89,19 @@ __all__ = [
     "TargetMismatchError",
     "UnsupportedLeafError",
     "VerifyReport",
+    "AnyOf",
+    "CheckpointUsage",
+    "DiskUsage",
+    "InvalidTagError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLatest",
+    "KeepPerInterval",
+    "KeepTagged",
+    "RetentionDecision",
+    "RetentionPolicy",
+    "RetentionReport",
+    "RunUsage",
+    "any_of",
     "__version__",
 ]

@@ -9,18 +9,20 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from . import _codec
+from . import _codec, _retention, _usage
 from . import _spec as S
 from ._jsonattrs import to_json
+from ._retention import RetentionPolicy, RetentionReport
 from ._store import LocalDirectoryStore, Store
+from ._tags import TagIndex
 from ._types import CheckpointId, PyTree, RunId, Step
-from ._view import CheckpointView
+from ._view import CheckpointView, deleted_while_reading
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -117,9 +119,13 @@ class CheckpointManager:
         array([0., 1., 2.])
     """
 
-    def __init__(self, root: str | os.PathLike | Store, *, durable: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike | Store, *, durable: bool = True, retention: RetentionPolicy | None = None
+    ) -> None:
         self.store: Store = root if isinstance(root, Store) else LocalDirectoryStore(root)
         self.durable = durable
+        self.retention = retention
+        """Default policy of :meth:`apply_retention`, applied to a run after each of its saves."""
         self.store.cleanup_stale()
         self.last_save_stats: _codec.WriteStats | None = None
         """Bytes written and chunks hard-linked by the most recent completed save."""
@@ -176,6 +182,9 @@ class CheckpointManager:
 
         Chunks identical to the run's previous checkpoint are hard-linked, not
         written again (``last_save_stats`` says how many bytes were written).
+
+        With a manager ``retention`` policy, the run is cleaned up after the commit
+        (see :meth:`apply_retention`; an error there is raised, the checkpoint stays).
         """
         self.wait_until_finished()
         cid = S.make_checkpoint_id(run_id, iteration)
@@ -203,6 +212,8 @@ class CheckpointManager:
         self._write(cid, lambda tmp: stats.append(_codec.write_group(tmp, prepared, self.durable, base_dir)))
         self.last_save_stats = stats[0]
         self._last_saved[run_id] = cid
+        if self.retention is not None:  # runs in the saver thread for blocking=False; its failure surfaces alike
+            self._apply_retention(run_id, self.retention, dry_run=False, force=False)
 
     def _base_attrs(
         self, cid: str, run_id: str, iteration: int, flow_config: Any, certificates: Any, metadata: Any, lineage: dict
@@ -291,9 +302,10 @@ class CheckpointManager:
         plus ``events``).
         """
         path = self._dir(checkpoint_id)
-        attrs = self._attrs(checkpoint_id)
-        state = _codec.read_state(path, attrs, checkpoint_id, target)
-        telemetry = _codec.read_telemetry(path, checkpoint_id)
+        with deleted_while_reading(path, checkpoint_id):
+            attrs = self._attrs(checkpoint_id)
+            state = _codec.read_state(path, attrs, checkpoint_id, target)
+            telemetry = _codec.read_telemetry(path, checkpoint_id)
         info = CheckpointInfo.from_attrs(attrs, path)
         return {
             "state": state,
@@ -310,8 +322,11 @@ class CheckpointManager:
         }
 
     def open_checkpoint(self, checkpoint_id: CheckpointId) -> CheckpointView:
-        """A lazy view: attributes now, array bytes only when sliced."""
-        return CheckpointView(self._dir(checkpoint_id), self._attrs(checkpoint_id))
+        """A lazy view: attributes now, array bytes only when sliced (CheckpointNotFoundError
+        if the checkpoint is deleted before a slice reads it)."""
+        path = self._dir(checkpoint_id)
+        with deleted_while_reading(path, checkpoint_id):
+            return CheckpointView(path, self._attrs(checkpoint_id))
 
     def list_checkpoints(self, run_id: RunId | None = None) -> list[CheckpointInfo]:
         """Committed checkpoints, newest first; damaged entries are skipped with a CheckpointWarning."""
@@ -328,7 +343,8 @@ class CheckpointManager:
             try:
                 attrs = self._attrs(name)
             except CheckpointError as e:
-                warnings.warn(f"skipping damaged checkpoint: {e}", CheckpointWarning, stacklevel=2)
+                if self.store.exists(name):  # else deleted while listing, not damaged
+                    warnings.warn(f"skipping damaged checkpoint: {e}", CheckpointWarning, stacklevel=2)
                 continue
             except FileNotFoundError:
                 continue  # deleted while listing
@@ -342,27 +358,153 @@ class CheckpointManager:
         return max(infos, key=lambda i: (i.iteration, i.created_at)).checkpoint_id if infos else None
 
     def verify_checkpoint(self, checkpoint_id: CheckpointId) -> VerifyReport:
-        """Read every chunk of every array and report what is damaged."""
+        """Read every chunk of every array and report what is damaged
+        (CheckpointNotFoundError if the checkpoint is deleted meanwhile)."""
         path = self._dir(checkpoint_id)
         try:
-            self._attrs(checkpoint_id)
+            with deleted_while_reading(path, checkpoint_id):
+                self._attrs(checkpoint_id)
+        except CheckpointNotFoundError:
+            raise
         except CheckpointError as e:
             return VerifyReport(checkpoint_id, [str(e)])
-        return VerifyReport(checkpoint_id, _codec.verify_group(path, checkpoint_id))
+        problems = _codec.verify_group(path, checkpoint_id)
+        if problems and not self.store.exists(checkpoint_id):
+            raise CheckpointNotFoundError(f"checkpoint {checkpoint_id!r} was deleted while being verified")
+        return VerifyReport(checkpoint_id, problems)
+
+    # ------------------------------------------------------------ tags
+    def tag_checkpoint(self, checkpoint_id: CheckpointId, tag: str) -> bool:
+        """Name a checkpoint (``best``, ``last-good``, ``paper-figure-3``); retention never deletes
+        a tagged checkpoint.  Tags live beside the immutable checkpoint (``.cfs-tags/``, see
+        spec/FORMAT.md, "Tags").  False if it already had the tag.
+
+        Example::
+
+            >>> mgr.tag_checkpoint("run-a-i000000000100", "best")
+            True
+        """
+        S.validate_tag(tag)
+        self._dir(checkpoint_id)
+        return TagIndex(self.store, self.durable).add(checkpoint_id, tag)
+
+    def untag_checkpoint(self, checkpoint_id: CheckpointId, tag: str) -> bool:
+        """Remove a tag; False if the checkpoint did not have it."""
+        S.validate_tag(tag)
+        if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
+            raise CheckpointNotFoundError(f"{checkpoint_id!r} is not a checkpoint id")
+        return TagIndex(self.store, self.durable).remove(checkpoint_id, tag)
+
+    def tags(self, checkpoint_id: CheckpointId) -> list[str]:
+        """The tags of a checkpoint, sorted."""
+        self._dir(checkpoint_id)
+        return sorted(TagIndex(self.store, self.durable).of(checkpoint_id))
+
+    def tagged(self, tag: str | None = None, run_id: RunId | None = None) -> dict[CheckpointId, list[str]]:
+        """Existing checkpoints carrying ``tag`` (any tag when None), with all their tags, by id.
+
+        Example::
+
+            >>> mgr.tagged("best")
+            {'run-a-i000000000100': ['best']}
+        """
+        if tag is not None:
+            S.validate_tag(tag)
+        if run_id is not None:
+            S.validate_run_id(run_id)
+        out = {}
+        for cid, tags in sorted(TagIndex(self.store, self.durable).all().items()):
+            m = S.CHECKPOINT_ID_RE.match(cid)
+            if (tag is None or tag in tags) and (run_id is None or (m and m.group("run") == run_id)):
+                if self.store.exists(cid):
+                    out[cid] = sorted(tags)
+        return out
 
     # ------------------------------------------------------------ removing
     def delete_checkpoint(self, checkpoint_id: CheckpointId) -> bool:
-        """Delete atomically (it vanishes from listings at once); False if absent."""
+        """Delete atomically (it vanishes from listings at once), with its tags; False if absent.
+
+        Tags go first: a crash in between leaves an untagged checkpoint, never tags that a
+        later checkpoint with the same id would inherit."""
         if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
             raise CheckpointNotFoundError(f"{checkpoint_id!r} is not a checkpoint id")
+        if isinstance(self.store, LocalDirectoryStore):
+            TagIndex(self.store, self.durable).drop(checkpoint_id)
         return self.store.delete(checkpoint_id)
 
     def cleanup_old_checkpoints(self, run_id: RunId, keep_last: int = 5) -> int:
-        """Delete all but the ``keep_last`` highest-iteration checkpoints of a run; returns how many."""
+        """Delete all but the ``keep_last`` highest-iteration checkpoints of a run; returns how many.
+
+        ``apply_retention(run_id, KeepLatest(keep_last))``: tagged checkpoints and branch
+        points of other runs are kept too."""
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}")
-        infos = sorted(self.list_checkpoints(run_id), key=lambda i: i.iteration, reverse=True)
-        return sum(self.delete_checkpoint(i.checkpoint_id) for i in infos[keep_last:])
+        return len(self.apply_retention(run_id, _retention.KeepLatest(keep_last)).deleted)
+
+    def apply_retention(
+        self,
+        run_id: RunId,
+        policy: RetentionPolicy | None = None,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        progress: Callable[[int, int, CheckpointId], None] | None = None,
+    ) -> RetentionReport:
+        """Delete the checkpoints of ``run_id`` that ``policy`` (default: the manager's
+        ``retention``) does not keep, and report every decision with its reasons.
+
+        Whatever the policy, the run's newest checkpoint and tagged checkpoints are kept,
+        and so are branch points of other existing runs (``lineage``) unless ``force``.
+        ``dry_run=True`` deletes nothing and returns the same report the real cleanup
+        would (if the store does not change in between).  ``progress(done, total, id)``
+        is called after each delete.
+
+        Example::
+
+            >>> from computable_flows_shim import KeepLatest, KeepBest
+            >>> policy = KeepLatest(3) | KeepBest("final_energy", 2)
+            >>> report = mgr.apply_retention("run-a", policy, dry_run=True)
+            >>> [(d.checkpoint_id, d.action, d.reasons) for d in report.decisions]
+        """
+        self.wait_until_finished()
+        S.validate_run_id(run_id)
+        policy = self.retention if policy is None else policy
+        if policy is None:
+            raise ValueError("apply_retention: no policy given and the manager has no default retention")
+        return self._apply_retention(run_id, policy, dry_run=dry_run, force=force, progress=progress)
+
+    def _apply_retention(
+        self,
+        run_id: RunId,
+        policy: RetentionPolicy,
+        *,
+        dry_run: bool,
+        force: bool,
+        progress: Callable[[int, int, CheckpointId], None] | None = None,
+    ) -> RetentionReport:
+        tags = TagIndex(self.store, self.durable).all() if isinstance(self.store, LocalDirectoryStore) else {}
+        decisions = _retention.plan(run_id, self.list_checkpoints(), tags, policy, force)
+        report = RetentionReport(run_id, str(policy), dry_run, force, decisions)
+        if not dry_run:
+            doomed = report.deleted
+            for n, cid in enumerate(reversed(doomed), start=1):  # oldest first
+                self.delete_checkpoint(cid)
+                if progress is not None:
+                    progress(n, len(doomed), cid)
+        return report
+
+    # ------------------------------------------------------------ disk usage
+    def disk_usage(self, run_id: RunId | None = None) -> _usage.DiskUsage:
+        """Bytes per run and per checkpoint, hard-linked files (rollbacks, incremental saves)
+        counted once, split into exclusive and shared; ``freed_by(ids)`` says what deleting
+        some checkpoints would free.
+
+        Example::
+
+            >>> du = mgr.disk_usage()
+            >>> [(r.run_id, r.bytes, r.exclusive_bytes) for r in du.runs]
+        """
+        return _usage.disk_usage(self.store, run_id)
 
 
 __all__ = ["CheckpointManager", "CheckpointInfo", "VerifyReport"]

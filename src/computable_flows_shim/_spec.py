@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidRunIdError
+from .errors import InvalidRunIdError, InvalidTagError
 
 FORMAT_NAME = "computable-flows-shim.checkpoint"
 FORMAT_VERSION = 1
@@ -48,6 +48,9 @@ CRC_BYTES = 4
 # Store layout (spec/FORMAT.md, "Store layout and commit protocol").
 STAGING_DIR = ".cfs-staging"
 TRASH_DIR = ".cfs-trash"
+# Tags (spec/FORMAT.md, "Tags"): ``.cfs-tags/<checkpoint_id>/<tag>`` empty files, kept
+# outside the checkpoint because a committed checkpoint is never written into.
+TAGS_DIR = ".cfs-tags"
 CHECKPOINT_ID_RE = re.compile(r"^(?P<run>[A-Za-z0-9][A-Za-z0-9._-]{0,127})-i(?P<it>[0-9]{12,})$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ITERATION_DIGITS = 12
@@ -67,6 +70,17 @@ def validate_run_id(run_id: object) -> str:
             "starting with a letter or digit (no path separators, '..', spaces or control characters)"
         )
     return run_id
+
+
+def validate_tag(tag: object) -> str:
+    """Return ``tag`` if it is a portable file name (the run id rule), else raise InvalidTagError:
+    a tag is a file name under ``.cfs-tags/<checkpoint_id>/``."""
+    if not isinstance(tag, str) or not _RUN_ID_RE.match(tag):
+        raise InvalidTagError(
+            f"invalid tag {tag!r}: expected 1-128 characters from A-Z a-z 0-9 '.' '_' '-', "
+            "starting with a letter or digit"
+        )
+    return tag
 
 
 def validate_iteration(iteration: object) -> int:

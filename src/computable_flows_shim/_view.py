@@ -7,7 +7,9 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,24 @@ from . import _spec as S
 from ._arrays import read_chunk
 from ._tree import keystr, scalar_value, unflatten
 from ._types import PyTree
+from .errors import CheckpointCorruptError, CheckpointNotFoundError
+
+
+@contextmanager
+def deleted_while_reading(path: str, checkpoint_id: str) -> Iterator[None]:
+    """Report a checkpoint deleted under a reader as not found, not as damage.
+
+    A delete renames the whole checkpoint directory away (spec/FORMAT.md, "Delete"), so
+    a reader that opens a file afterwards finds it missing, which on its own reads as a
+    corrupt checkpoint.  When the checkpoint directory itself is gone, that is what
+    happened (a cleanup ran, issue 8), and the reader gets CheckpointNotFoundError.
+    """
+    try:
+        yield
+    except (CheckpointCorruptError, FileNotFoundError) as e:
+        if isinstance(e, CheckpointNotFoundError) or os.path.isdir(path):
+            raise
+        raise CheckpointNotFoundError(f"checkpoint {checkpoint_id!r} was deleted while being read ({e})") from e
 
 
 class LazyArray:
@@ -27,10 +47,11 @@ class LazyArray:
     which implementation).
     """
 
-    def __init__(self, stored: _codec.StoredArray, name: str) -> None:
+    def __init__(self, stored: _codec.StoredArray, name: str, checkpoint: tuple[str, str] | None = None) -> None:
         self._s = stored
         self.name = name
         self.chunks_read = 0
+        self._checkpoint = checkpoint  # (path, id): to tell a deleted checkpoint from damage
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -107,7 +128,8 @@ class LazyArray:
                     per_dim.append(sorted({i // c for i in r}))
             crc_index: dict[tuple[int, ...], int] = {c: i for i, c in enumerate(layout.coords())}
             for coords in itertools.product(*per_dim):
-                chunk = read_chunk(layout, coords, self._s.dirpath, self._s.crcs[crc_index[coords]], self._s.where)
+                with deleted_while_reading(*self._checkpoint) if self._checkpoint else nullcontext():
+                    chunk = read_chunk(layout, coords, self._s.dirpath, self._s.crcs[crc_index[coords]], self._s.where)
                 self.chunks_read += 1
                 region = layout.region(coords)
                 src, dst = [], []
@@ -159,17 +181,17 @@ class CheckpointView:
     def state(self) -> PyTree:
         """The state tree with :class:`LazyArray` leaves (metadata read now, bytes on slicing)."""
         if self._state is None:
-            import os
-
             state_dir = os.path.join(self.path, S.STATE_GROUP)
+            checkpoint = (self.path, self.checkpoint_id)
 
             def leaf(kp: tuple, node: dict) -> Any:
                 where = f"checkpoint {self.checkpoint_id!r}, leaf {keystr(kp)}"
                 if node["kind"] == "scalar":
                     return scalar_value(node, where)
-                return LazyArray(_codec.open_array(state_dir, node["path"], where), keystr(kp))
+                return LazyArray(_codec.open_array(state_dir, node["path"], where), keystr(kp), checkpoint)
 
-            self._state = unflatten(self.attrs[S.A_TREE], leaf)
+            with deleted_while_reading(*checkpoint):
+                self._state = unflatten(self.attrs[S.A_TREE], leaf)
         return self._state
 
     @property
@@ -178,7 +200,8 @@ class CheckpointView:
         if self._telemetry is None:
             import xarray as xr
 
-            cols = _codec.read_telemetry(self.path, self.checkpoint_id)
+            with deleted_while_reading(self.path, self.checkpoint_id):
+                cols = _codec.read_telemetry(self.path, self.checkpoint_id)
             events = cols.pop("events")
             data = {n: (S.T_SAMPLE_DIM, c) for n, c in cols.items() if n != S.T_SAMPLE_DIM}
             coords = {S.T_SAMPLE_DIM: cols[S.T_SAMPLE_DIM]} if S.T_SAMPLE_DIM in cols else {}

@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointFormatError",
     "InvalidRunIdError",
+    "InvalidTagError",
     "TargetMismatchError",
     "UnsupportedLeafError",
     "MetadataError",
@@ -72,6 +73,11 @@ class CheckpointFormatError(CheckpointError, ValueError):
 class InvalidRunIdError(CheckpointError, ValueError):
     """Raised before anything is written when a run id could escape the store or is
     not a portable file name."""
+
+
+class InvalidTagError(CheckpointError, ValueError):
+    """Raised before anything is written when a tag is not a portable file name
+    (tags are files under ``.cfs-tags/<checkpoint_id>/``, so the run id rule applies)."""
 
 
 class TargetMismatchError(CheckpointError, ValueError):
