@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from . import _cli_lifecycle
+
 DEFAULT_STORE = os.environ.get("CFS_STORE", "runs")
 
 
@@ -110,18 +112,32 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .errors import CheckpointNotFoundError
+
     mgr = _manager(args)
     ids = args.checkpoint_ids or [i.checkpoint_id for i in mgr.list_checkpoints()]
     bad = 0
-    for cid in ids:
-        report = mgr.verify_checkpoint(cid)
-        if args.json:
-            _print_json({"checkpoint_id": cid, "ok": report.ok, "problems": report.problems})
-        else:
-            print(f"{cid}: {'OK' if report.ok else 'DAMAGED'}")
-            for p in report.problems:
-                print(f"  - {p}")
-        bad += not report.ok
+    with _cli_lifecycle.bar(args, 0, nbytes=True, desc="verifying") as progress:
+        if not progress.disable:  # sizes only for the bar: one stat per file
+            sizes = {c.checkpoint_id: c.bytes for c in mgr.disk_usage().checkpoints}
+            progress.total = sum(sizes.get(cid, 0) for cid in ids)
+        for cid in ids:
+            try:
+                report = mgr.verify_checkpoint(cid)
+            except CheckpointNotFoundError:
+                if args.checkpoint_ids:
+                    raise
+                progress.write(f"{cid}: deleted meanwhile, skipped", file=sys.stdout)
+                continue
+            if not progress.disable:
+                progress.update(sizes.get(cid, 0))
+            if args.json:
+                _print_json({"checkpoint_id": cid, "ok": report.ok, "problems": report.problems})
+            else:  # tqdm's write keeps the bar below the lines
+                progress.write(f"{cid}: {'OK' if report.ok else 'DAMAGED'}", file=sys.stdout)
+                for p in report.problems:
+                    progress.write(f"  - {p}", file=sys.stdout)
+            bad += not report.ok
     return 1 if bad else 0
 
 
@@ -238,7 +254,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     mgr = _manager(args)
-    missing = [cid for cid in args.checkpoint_ids if not mgr.delete_checkpoint(cid)]
+    missing = []
+    with _cli_lifecycle.bar(args, len(args.checkpoint_ids), desc="deleting") as progress:
+        for cid in args.checkpoint_ids:
+            if not mgr.delete_checkpoint(cid):
+                missing.append(cid)
+            progress.update(1)
     for cid in missing:
         print(f"cfs: no checkpoint {cid!r}", file=sys.stderr)
     return 1 if missing else 0
@@ -291,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--keep-last", type=int, default=5)
     s.set_defaults(func=cmd_cleanup)
+    _cli_lifecycle.add_commands(sub)  # gc, du, tag, tags
     return p
 
 

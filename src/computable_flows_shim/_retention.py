@@ -155,11 +155,17 @@ class KeepPerInterval(RetentionPolicy):
         return {cid: (str(self),) for _, _, cid in first.values()}
 
 
+METRIC_ALIASES = {"E": "final_energy", "grad_norm": "final_grad_norm"}
+"""Telemetry column names accepted as metrics: the column's last value, as the summary keeps it."""
+
+
 def metric_value(info: CheckpointInfo, metric: str) -> float | None:
-    """``metric`` from ``telemetry_summary`` (e.g. ``final_energy``), else from
-    ``certificates`` (e.g. ``gamma``); None when absent, not a number or not finite
+    """``metric`` from ``telemetry_summary`` (e.g. ``final_energy``; ``E`` means it too), else
+    from ``certificates`` (e.g. ``gamma``); None when absent, not a number or not finite
     (non-finite values are stored as the strings ``"NaN"``/``"Infinity"``)."""
     for source in (info.telemetry_summary, info.certificates):
+        if metric not in source and metric in METRIC_ALIASES and METRIC_ALIASES[metric] in source:
+            metric = METRIC_ALIASES[metric]
         if metric in source:
             v = source[metric]
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
