@@ -20,10 +20,13 @@ def arrays(draw, max_side: int = 5) -> np.ndarray:
     dtype = draw(st.sampled_from(ALL_DTYPES))
     shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=max_side))
     n = int(np.prod(shape)) * dtype.itemsize
-    raw = draw(st.binary(min_size=n, max_size=n))
-    # Any bit pattern is a valid value of the dtype (NaN payloads included), except
-    # bool (0/1 only) and sub-byte ML types (only the low bits are meaningful).
-    a = np.frombuffer(raw, dtype=np.uint8).copy()
+    # Random bytes from a drawn seed: drawing n bytes through Hypothesis is very slow for
+    # large n, and any bit pattern is a valid value of the dtype (NaN payloads included),
+    # except bool (0/1 only) and sub-byte ML types (only the low bits are meaningful).
+    seed = draw(st.integers(0, 2**32 - 1))
+    a = np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8)
+    if draw(st.booleans()):  # and plenty of zeros, the most common value in real states
+        a[: n // 2] = 0
     if dtype == np.bool_:
         a &= 1
     elif dtype in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4), np.dtype(ml_dtypes.float4_e2m1fn)):
