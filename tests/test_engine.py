@@ -8,6 +8,8 @@ from computable_flows_shim import (
     CheckpointManager,
     FlowDivergedError,
     FlowSpecError,
+    build_flow,
+    compute_certificates,
     make_example,
     resume_flow,
     run_flow,
@@ -117,3 +119,17 @@ def test_telemetry_sampling_every_k(example):
 def test_bad_specs_name_the_field(bad):
     with pytest.raises(FlowSpecError, match="flow|operator"):
         run_flow(bad, np.zeros(8, np.float32), iters=1)
+
+
+def test_last_good_tag_moves_to_the_newest_green_checkpoint(tmp_path, example):
+    spec, y, _ = example
+    mgr = CheckpointManager(tmp_path / "s")
+    run_flow(spec, y, iters=300, checkpoint_manager=mgr, run_id="g")
+    assert mgr.tagged("last-good", run_id="g") == {"g-i000000000300": ["last-good"]}
+    resume_flow("g-i000000000300", mgr, remaining_iters=100)
+    assert mgr.tagged("last-good", run_id="g") == {"g-i000000000400": ["last-good"]}
+    # a run whose certificates are not GREEN gets no last-good tag
+    red = {**spec, "step": 2.5 / compute_certificates(build_flow(spec))["lipschitz"]}
+    with pytest.raises(FlowDivergedError):
+        run_flow(red, y, iters=3000, checkpoint_manager=mgr, run_id="red", checkpoint_interval=10)
+    assert mgr.tagged("last-good", run_id="red") == {}

@@ -141,12 +141,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def cmd_cleanup(args: argparse.Namespace) -> int:
-    n = _manager(args).cleanup_old_checkpoints(args.run, keep_last=args.keep_last)
-    print(f"deleted {n} checkpoint(s) of run {args.run!r}, kept the newest {args.keep_last}")
-    return 0
-
-
 def _progress(args: argparse.Namespace, total: int, start: int):
     """A tqdm bar on a terminal; otherwise a log line at every checkpoint."""
     if sys.stderr.isatty() and not getattr(args, "quiet", False):
@@ -308,10 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint_ids", nargs="*")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
-    s = sub.add_parser("cleanup", help="delete all but the newest checkpoints of a run")
-    s.add_argument("run")
-    s.add_argument("--keep-last", type=int, default=5)
-    s.set_defaults(func=cmd_cleanup)
     _cli_lifecycle.add_commands(sub)  # gc, du, tag, tags
     return p
 

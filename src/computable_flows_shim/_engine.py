@@ -31,6 +31,9 @@ from ._recorder import TelemetryRecorder
 from ._types import CheckpointId, RunId
 from .errors import CheckpointExistsError, FlowDivergedError, FlowSpecError
 
+LAST_GOOD = "last-good"
+"""The tag the runtime keeps on each run's newest checkpoint saved in a GREEN phase."""
+
 Progress = Callable[[dict], None]
 """Called after every iteration with ``{"iter", "end", "E", "phase", "checkpoint"}``."""
 
@@ -112,10 +115,26 @@ def _loop(
     last: str | None = None
     prev_e = float(rec.history()["E"][-1]) if len(rec) else None
 
-    def save(it: int) -> str | None:
+    good: list[str] = []  # checkpoints saved while certificates and energy were GREEN
+
+    def mark_last_good() -> None:
+        """Move the run's ``last-good`` tag to its newest committed GREEN checkpoint."""
+        if mgr is None:
+            return
+        mgr.wait_until_finished()  # the tag names committed checkpoints only
+        if not good:
+            return
+        newest = good[-1]
+        for old in mgr.tagged(LAST_GOOD, run_id=run_id):
+            if old != newest:
+                mgr.untag_checkpoint(old, LAST_GOOD)
+        mgr.tag_checkpoint(newest, LAST_GOOD)
+
+    def save(it: int, phase: str) -> str | None:
         nonlocal last
         if mgr is None:
             return None
+        mark_last_good()  # the previous save has committed by now (one save in flight)
         cid = S.make_checkpoint_id(run_id, it)
         rec.event("CHECKPOINT_CREATED", it, checkpoint_id=cid)  # logged first: the checkpoint holds its own event
         state = {"x": x, "y": y, "key": key, "alpha": alpha}
@@ -132,6 +151,8 @@ def _loop(
         )
         checkpoints.append(cid)
         last = cid
+        if phase == "GREEN" and certs["phase"] == "GREEN":
+            good.append(cid)
         return cid
 
     it = start
@@ -141,8 +162,7 @@ def _loop(
             e_val = float(e)
             if not math.isfinite(e_val):
                 rec.event("DIVERGED", it + 1, E=str(e_val))
-                if mgr is not None:
-                    mgr.wait_until_finished()  # the last good checkpoint is committed before we report it
+                mark_last_good()  # committed and tagged before we report it
                 raise FlowDivergedError(
                     f"run {run_id!r} diverged at iteration {it + 1}: energy {e_val}; the state was not checkpointed. "
                     + (f"Last good checkpoint: {last}." if last else "No checkpoint was written.")
@@ -170,13 +190,14 @@ def _loop(
                     rec.event("RUN_INTERRUPTED", it, signal=signal.Signals(sigs.received).name)  # type: ignore[arg-type]
                 if it == end:
                     rec.event("RUN_FINISHED", it)
-                save(it)
+                save(it, ph)
             if progress is not None:
                 progress({"iter": it, "end": end, "E": e_val, "phase": ph, "checkpoint": last})
             if stop:
                 break
     if mgr is not None:
         mgr.wait_until_finished()
+        mark_last_good()
     status = "finished" if it == end else "interrupted"
     state = {"x": np.asarray(x), "y": np.asarray(y), "key": key, "alpha": np.asarray(alpha)}
     return FlowResult(state, rec.history(), run_id, it, status, certs, last, checkpoints, sigs.received)
