@@ -438,13 +438,21 @@ def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None
             )
         elif hasattr(expected, "shape"):
             raise TargetMismatchError(f"{_leaf_where(checkpoint, kp)}: target expects an array, stored a Python scalar")
-    needed = [s for kp, _ in pairs if (s := by_kp[kp][1]) is not None]
+    sharded = {kp for kp, expected in pairs if by_kp[kp][1] is not None and _multi_device(expected)}
+    needed = [s for kp, _ in pairs if (s := by_kp[kp][1]) is not None and kp not in sharded]
     arrays = dict(zip((id(s) for s in needed), read_arrays(needed)))
     leaves: list[Any] = []
     for kp, expected in pairs:
         node, s = by_kp[kp]
         if s is None:
             leaves.append(scalar_value(node, _leaf_where(checkpoint, kp)))
+            continue
+        if kp in sharded:
+            # each device reads only the chunks its shard touches: the whole array is never on the host
+            from ._view import LazyArray
+
+            lazy = LazyArray(s, keystr(kp))
+            leaves.append(jax.make_array_from_callback(s.layout.shape, expected.sharding, lambda idx, a=lazy: a[idx]))
             continue
         v = _finish_leaf(node, arrays[id(s)], s, kp, checkpoint)
         if isinstance(expected, (jax.Array, jax.ShapeDtypeStruct)):
@@ -454,6 +462,15 @@ def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None
             v = v[()]
         leaves.append(v)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _multi_device(expected: Any) -> bool:
+    """A target leaf whose sharding spans several devices (PRNG keys excluded)."""
+    sharding = getattr(expected, "sharding", None)
+    dtype = getattr(expected, "dtype", None)
+    if sharding is None or dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return False
+    return len(sharding.device_set) > 1
 
 
 def read_telemetry(dirpath: str, checkpoint: str) -> dict:
