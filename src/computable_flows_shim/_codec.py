@@ -452,7 +452,7 @@ def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None
             from ._view import LazyArray
 
             lazy = LazyArray(s, keystr(kp))
-            leaves.append(jax.make_array_from_callback(s.layout.shape, expected.sharding, lambda idx, a=lazy: a[idx]))
+            leaves.append(jax.make_array_from_callback(s.layout.shape, expected.sharding, lazy.__getitem__))
             continue
         v = _finish_leaf(node, arrays[id(s)], s, kp, checkpoint)
         if isinstance(expected, (jax.Array, jax.ShapeDtypeStruct)):
