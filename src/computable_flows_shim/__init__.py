@@ -5,10 +5,15 @@ tensorstore, xarray and dask open without this package.
 """
 
 from ._certificates import compute_certificates
+from ._diff import CheckpointDiff, LeafDiff, diff_checkpoints
 from ._engine import FlowResult, resume_flow, run_flow
 from ._examples import EXAMPLES, make_example
+from ._export import export_checkpoint
 from ._flow import Flow, build_flow
+from ._inspect import LeafInfo, describe_leaves
+from ._lineage import RunInfo, format_run_tree, list_runs, open_run
 from ._manager import CheckpointInfo, CheckpointManager, VerifyReport
+from ._plot import plot_telemetry
 from ._primitives import F_Dis, F_Multi, F_Proj, soft_threshold
 from ._recorder import TelemetryRecorder
 from ._retention import (
@@ -28,6 +33,7 @@ from ._store import LocalDirectoryStore, Store
 from ._types import CheckpointId, PyTree, RunId, Step
 from ._usage import CheckpointUsage, DiskUsage, RunUsage
 from ._view import CheckpointView, LazyArray
+from ._xarray import lazy_array_to_dask, open_telemetry, state_dataset, state_datatree
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -37,11 +43,13 @@ from .errors import (
     CheckpointWarning,
     CheckpointWriteError,
     ComputableFlowsError,
+    ExportError,
     FlowDivergedError,
     FlowSpecError,
     InvalidRunIdError,
     InvalidTagError,
     MetadataError,
+    MissingDependencyError,
     TargetMismatchError,
     UnsupportedLeafError,
 )
@@ -103,5 +111,23 @@ __all__ = [
     "RetentionReport",
     "RunUsage",
     "any_of",
+    # analysis and interop (issue 6)
+    "CheckpointDiff",
+    "ExportError",
+    "LeafDiff",
+    "LeafInfo",
+    "MissingDependencyError",
+    "RunInfo",
+    "describe_leaves",
+    "diff_checkpoints",
+    "export_checkpoint",
+    "format_run_tree",
+    "lazy_array_to_dask",
+    "list_runs",
+    "open_run",
+    "open_telemetry",
+    "plot_telemetry",
+    "state_dataset",
+    "state_datatree",
     "__version__",
 ]

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from . import _cli_lifecycle
+from . import _cli_analysis, _cli_lifecycle
 
 DEFAULT_STORE = os.environ.get("CFS_STORE", "runs")
 
@@ -55,30 +55,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    view = _manager(args).open_checkpoint(args.checkpoint_id)
-    leaves: list[dict[str, Any]] = []
-
-    def walk(x: Any, path: str) -> None:
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{path}[{k!r}]")
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(v, f"{path}[{i}]")
-        elif hasattr(x, "shape"):
-            leaves.append(
-                {
-                    "leaf": path,
-                    "shape": list(x.shape),
-                    "dtype": str(x.dtype),
-                    "chunks": list(x.chunk_shape),
-                    "bytes": int(x.nbytes),
-                }
-            )
-        else:
-            leaves.append({"leaf": path, "value": x})
-
-    walk(view.state, "state")
+    mgr = _manager(args)
+    view = mgr.open_checkpoint(args.checkpoint_id)
+    layout = _cli_analysis.show_layout(mgr, view)  # leaves with chunk layout and bytes, on-disk size
     info = {
         "checkpoint_id": view.checkpoint_id,
         "run_id": view.run_id,
@@ -90,7 +69,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         "metadata": view.metadata,
         "lineage": view.lineage,
         "telemetry_summary": view.telemetry_summary,
-        "leaves": leaves,
+        **layout,
     }
     if args.json:
         _print_json(info)
@@ -99,15 +78,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{k:>18}: {info[k]}")
     for k in ("flow_config", "certificates", "metadata", "lineage", "telemetry_summary"):
         print(f"{k:>18}: {json.dumps(info[k])}")
-    print("leaves:")
-    for leaf in leaves:
-        if "shape" in leaf:
-            print(
-                f"  {leaf['leaf']:<40} {leaf['dtype']:<10} {str(tuple(leaf['shape'])):<20} "
-                f"chunks={tuple(leaf['chunks'])} {leaf['bytes']} B"
-            )
-        else:
-            print(f"  {leaf['leaf']:<40} {leaf['value']!r}")
+    _cli_analysis.print_leaves(layout)
     return 0
 
 
@@ -303,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
     _cli_lifecycle.add_commands(sub)  # gc, du, tag, tags
+    _cli_analysis.add_commands(sub)  # diff, tree, plot, export
     return p
 
 

@@ -156,6 +156,18 @@ class CheckpointManager:
     def __repr__(self) -> str:
         return f"CheckpointManager({self.store!r})"
 
+    def _repr_html_(self) -> str:
+        """The notebook display of the store: runs as a lineage tree, checkpoints, final energy, phases, bytes."""
+        from ._repr import store_html
+
+        return store_html(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's text display: the same summary as text (``repr`` stays one line, it is used in messages)."""
+        from ._repr import store_text
+
+        printer.text(repr(self) if cycle else store_text(self))
+
     # ------------------------------------------------------------ writing
     def create_checkpoint(
         self,

@@ -85,6 +85,13 @@ class LazyArray:
         out = np.asarray(self[...])
         return out if dtype is None else out.astype(dtype)
 
+    def to_dask(self):
+        """A ``dask.array.Array``, one dask chunk per stored chunk, each read and checked
+        only when computed (see :func:`computable_flows_shim.lazy_array_to_dask`)."""
+        from ._xarray import lazy_array_to_dask
+
+        return lazy_array_to_dask(self)
+
     def _normalize(self, key: Any) -> list[int | slice]:
         key = key if isinstance(key, tuple) else (key,)
         if sum(k is Ellipsis for k in key) > 1:
@@ -175,7 +182,30 @@ class CheckpointView:
     telemetry_summary = property(lambda self: self.attrs.get(S.A_TELEMETRY_SUMMARY) or {})
 
     def __repr__(self) -> str:
-        return f"<CheckpointView {self.checkpoint_id} run={self.run_id} iteration={self.iteration}>"
+        from ._repr import view_text
+
+        try:  # leaves, layout, telemetry summary, lineage (metadata only); never fail a repr
+            return view_text(self)
+        except Exception:  # noqa: BLE001 - e.g. deleted meanwhile: the short form still helps
+            return f"<CheckpointView {self.checkpoint_id} run={self.run_id} iteration={self.iteration}>"
+
+    def _repr_html_(self) -> str:
+        """The notebook display: leaves with shape/dtype/chunks/size, attrs, telemetry summary, lineage."""
+        from ._repr import view_html
+
+        return view_html(self)
+
+    def to_xarray(self, dims: dict | None = None):
+        """The state as a dask-backed ``xarray.Dataset`` (see :func:`computable_flows_shim.state_dataset`)."""
+        from ._xarray import state_dataset
+
+        return state_dataset(self, dims)
+
+    def to_datatree(self):
+        """The state as a dask-backed ``xarray.DataTree`` (see :func:`computable_flows_shim.state_datatree`)."""
+        from ._xarray import state_datatree
+
+        return state_datatree(self)
 
     @property
     def state(self) -> PyTree:

@@ -23,6 +23,8 @@ __all__ = [
     "MetadataError",
     "CheckpointWriteError",
     "CheckpointWarning",
+    "MissingDependencyError",
+    "ExportError",
 ]
 
 
@@ -103,3 +105,15 @@ class CheckpointWriteError(CheckpointError, OSError):
 
 class CheckpointWarning(UserWarning):
     """Warned when listing skips an uncommitted or damaged entry in a store."""
+
+
+class MissingDependencyError(ComputableFlowsError, ImportError):
+    """Raised when an analysis feature needs an optional package that is not installed
+    (dask for lazy views, matplotlib for plots, h5py for HDF5 export); names the extra
+    to install (``computable-flows-shim[analysis]``)."""
+
+
+class ExportError(ComputableFlowsError, ValueError):
+    """Raised by ``export_checkpoint`` (``cfs export``) before anything is written when
+    the output's format is not known from its suffix (``.h5``, ``.hdf5``, ``.npz``) or
+    the output file already exists."""
