@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from . import _spec as S
-from .errors import CheckpointExistsError
+from .errors import CheckpointExistsError, CheckpointWriteError
 
 
 class Store(abc.ABC):
@@ -154,9 +154,23 @@ class LocalDirectoryStore(Store):
                 rename_noreplace(tmp, self.path(name))
             except FileExistsError:
                 raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self.root}") from None
-            committed = True
             if durable:
-                fsync_dir(self.root)
+                try:
+                    fsync_dir(self.root)
+                except OSError as e:
+                    # The rename may not survive a power loss and the caller is told the save
+                    # failed, so take it back: a failed save leaves nothing visible (spec/FORMAT.md,
+                    # section 3, step 4; found by tests/reliability/test_io_faults.py).
+                    try:
+                        os.rename(self.path(name), tmp)
+                    except OSError as e2:
+                        committed = True
+                        raise CheckpointWriteError(
+                            f"checkpoint {name!r} was committed, complete, but fsync of {self.root} failed ({e}) "
+                            f"and it could not be taken back ({e2}): it may not survive a power loss"
+                        ) from e
+                    raise
+            committed = True
 
         try:
             os.mkdir(tmp)
