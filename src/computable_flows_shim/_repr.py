@@ -283,7 +283,7 @@ def store_html(mgr: CheckpointManager) -> str:
         usage = by_run.get(r.run_id)
         rows.append(
             (
-                f"<span class=cfs-dim>{_e(prefix + conn)}</span><b>{_e(r.run_id)}</b>",
+                f"<span class=cfs-dim style='white-space:pre'>{_e(prefix + conn)}</span><b>{_e(r.run_id)}</b>",
                 str(len(r.checkpoints)),
                 f"{r.first_iteration}..{r.last_iteration}",
                 "" if e is None else _e(_num(e)),
