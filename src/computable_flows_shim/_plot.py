@@ -3,11 +3,13 @@ one line per run (``cfs plot RUN... -o energy.png``).
 
 It draws on a ``matplotlib.figure.Figure`` of its own, never through ``pyplot``: no global
 figure state, no GUI backend, the same result in a script, a notebook or a CI job
-(``savefig`` renders with Agg).
+(``savefig`` renders with Agg).  The figure shows itself in a notebook (``_repr_png_``).
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -29,12 +31,26 @@ DEFAULT_COLUMNS = ("E", "grad_norm", "phase")
 _LABELS = {"E": "energy E", "grad_norm": "gradient norm", "phase": "phase", "alpha": "step alpha"}
 
 
-def _figure(width: float, height: float) -> Figure:
+@functools.cache
+def _figure_class() -> type:
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
         raise MissingDependencyError("plots need matplotlib: pip install 'computable-flows-shim[analysis]'") from e
-    return Figure(figsize=(width, height), layout="constrained")
+
+    class TelemetryFigure(Figure):
+        """A Figure that displays itself in a notebook without pyplot (IPython's ``_repr_png_``)."""
+
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=100)
+            return buf.getvalue()
+
+    return TelemetryFigure
+
+
+def _figure(width: float, height: float) -> Figure:
+    return _figure_class()(figsize=(width, height), layout="constrained")
 
 
 def _segments(values: np.ndarray) -> list[tuple[int, int, str]]:
@@ -182,9 +198,9 @@ def _phase_panel(ax: Any, parts, col: str, branches: dict[str, int]) -> None:
                     seen[v] = True
         names.append(name or col)
     ax.set_yticks(range(len(names)), names)
-    ax.set_ylim(-0.6, len(names) - 0.4)
-    if seen:
-        ax.legend(loc="upper right", fontsize="small", ncols=len(seen))
+    ax.set_ylim(len(names) - 0.4, -0.6)  # the first run on top, as in the legend of the curves
+    if seen:  # beside the bands, never over them
+        ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize="small", frameon=False)
 
 
 __all__ = ["plot_telemetry", "PHASE_COLORS"]

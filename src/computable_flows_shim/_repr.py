@@ -324,6 +324,25 @@ def _diff_cells(leaf: Any) -> tuple[str, str, str, str, str]:
     return leaf.name, leaf.status, f"{shape} {dtype}".strip(), changed, d
 
 
+def _value(v: Any, width: int) -> str:
+    return _num(v) if isinstance(v, float) else _short_json(v, width)
+
+
+def attr_changes(diff: CheckpointDiff) -> list[tuple[str, Any, Any]]:
+    """The attributes that differ, objects opened one level: ``("telemetry_summary.samples", 100, 200)``."""
+    missing = "(absent)"
+    out: list[tuple[str, Any, Any]] = []
+    for k, (x, y) in diff.attrs.items():
+        if isinstance(x, dict) and isinstance(y, dict):
+            for sub in list(x) + [s for s in y if s not in x]:
+                vx, vy = x.get(sub, missing), y.get(sub, missing)
+                if json.dumps(vx, sort_keys=True, default=str) != json.dumps(vy, sort_keys=True, default=str):
+                    out.append((f"{k}.{sub}", vx, vy))
+        else:
+            out.append((k, x, y))
+    return out
+
+
 _DIFF_HEADERS = ("leaf", "status", "shape / dtype", "changed", "max |a-b|")
 
 
@@ -342,8 +361,8 @@ def diff_text(diff: CheckpointDiff) -> str:
         )
     if diff.attrs:
         lines.append("attributes that differ:")
-        for k, (x, y) in diff.attrs.items():
-            lines.append(f"  {k}: {_short_json(x, 60)} -> {_short_json(y, 60)}")
+        for k, x, y in attr_changes(diff):
+            lines.append(f"  {k}: {_value(x, 60)} -> {_value(y, 60)}")
     return "\n".join(lines)
 
 
@@ -355,7 +374,7 @@ def diff_html(diff: CheckpointDiff) -> str:
         rows.append((_e(name), f"<span style='color:{color}'>{_e(status)}</span>", _e(sd), changed, d))
     attrs = _table(
         ("attribute", "a", "b"),
-        [(_e(k), _e(_short_json(x, 80)), _e(_short_json(y, 80))) for k, (x, y) in diff.attrs.items()],
+        [(_e(k), _e(_value(x, 80)), _e(_value(y, 80))) for k, x, y in attr_changes(diff)],
     )
     n_changed = len(diff.changed)
     return "".join(
