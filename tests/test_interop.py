@@ -165,3 +165,22 @@ def test_dask_alone_reduces_a_leaf(ckpt):
     """,
         core=ckpt["core"],
     )
+
+
+def test_dask_alone_reads_every_core_array_and_telemetry_column(ckpt):
+    run_alone(
+        """
+        import dask.array as da
+        n = 0
+        for path in ['x', 'i8', 'u64', 'b', 'c64', 'c128', 'f16', 'scalar', 'empty', 'nested/deep/w', 'big']:
+            a = da.from_zarr(CORE, component='state/' + path)
+            same(a.compute(), path); n += 1
+        assert n == 11
+        assert list(da.from_zarr(CORE, component='telemetry/iter').compute()) == [0, 10, 20, 30, 40]
+        assert float(da.from_zarr(CORE, component='telemetry/grad_norm')[-1].compute()) == 0.01
+        assert list(da.from_zarr(CORE, component='telemetry/event_type').compute()) == ['RUN_STARTED',
+                                                                                          'CHECKPOINT_CREATED']
+    """,
+        core=ckpt["core"],
+        exp=ckpt["exp"],
+    )
