@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 
+import forge
 import numpy as np
 import pytest
 
@@ -27,8 +29,14 @@ def load_json(path):
 
 
 def dump_json(doc, path):
+    """Write a crafted zarr.json as a hostile writer would: with the checkpoint's metadata
+    checksums recomputed (tests/forge.py), so the check under test is what refuses it."""
     with open(path, "w") as f:
         json.dump(doc, f)
+    ckpt = os.path.dirname(path)
+    while not re.search(r"-i[0-9]{12}$", ckpt):
+        ckpt = os.path.dirname(ckpt)
+    forge.resign(ckpt)
 
 
 def expect_damage(mgr, cid, *patterns):

@@ -15,6 +15,7 @@ import errno
 import json
 import math
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,26 +60,76 @@ def _is_slab(shape: tuple[int, ...], chunk: tuple[int, ...]) -> bool:
     return all(chunk[j] == shape[j] for j in range(i + 1, len(shape)))
 
 
-def read_json(path: str, where: str) -> dict:
-    """Parse a zarr.json with bounded size and depth; damage becomes our errors."""
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
+"""Errors that say nothing about the checkpoint (this process is out of something): raised as they are."""
+
+
+def open_regular(path: str, where: str, what: str) -> tuple[int, os.stat_result]:
+    """Open a checkpoint file for reading: never through a symlink, never anything but a
+    regular file (a FIFO would block, a device or directory would not read as a file), and
+    the reasons it cannot be opened as our errors (a hostile or damaged checkpoint must
+    raise nothing else; issue 5)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(MAX_METADATA_BYTES + 1)
-    except FileNotFoundError:
-        raise CheckpointCorruptError(f"{where}: missing {os.path.basename(path)}") from None
+        fd = os.open(path, flags)
     except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise CheckpointCorruptError(f"{where}: {what} missing") from None
         if e.errno == errno.ELOOP:
-            raise CheckpointFormatError(f"{where}: {os.path.basename(path)} is a symlink") from None
-        raise
+            raise CheckpointFormatError(f"{where}: {what} is a symlink") from None
+        if e.errno in _RESOURCE_ERRNOS:
+            raise
+        raise CheckpointCorruptError(f"{where}: cannot open {what} ({e})") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointCorruptError(f"{where}: {what} is not a regular file")
+    return fd, st
+
+
+def read_failed(e: OSError, where: str, what: str) -> BaseException:
+    """An error while reading an opened checkpoint file (EIO: unreadable medium)."""
+    if e.errno in _RESOURCE_ERRNOS:
+        return e
+    return CheckpointCorruptError(f"{where}: cannot read {what} ({e})")
+
+
+def loads_metadata(raw: bytes, where: str) -> dict:
+    """Parse the bytes of a zarr.json (bounded size and depth); damage becomes our errors."""
     if len(raw) > MAX_METADATA_BYTES:
         raise CheckpointFormatError(f"{where}: metadata larger than {MAX_METADATA_BYTES} bytes")
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, int > 4300 digits
         raise CheckpointCorruptError(f"{where}: unreadable metadata ({e.__class__.__name__}: {e})") from None
     if not isinstance(doc, dict):
         raise CheckpointCorruptError(f"{where}: metadata is not a JSON object")
+    return doc
+
+
+def read_json_raw(path: str, where: str) -> tuple[dict, bytes, os.stat_result]:
+    """A zarr.json parsed, with its bytes and the stat of the file they came from."""
+    name = os.path.basename(path)
+    fd, st = open_regular(path, where, name)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_METADATA_BYTES + 1)
+    except OSError as e:
+        raise read_failed(e, where, name) from e
+    return loads_metadata(raw, where), raw, st
+
+
+def read_json(path: str, where: str, expected_crc: int | None = None) -> dict:
+    """Parse a zarr.json with bounded size and depth; damage becomes our errors.
+
+    ``expected_crc``: the file's CRC32C from the checkpoint's metadata checksums
+    (spec/FORMAT.md, "Metadata checksums"), checked before the JSON is trusted."""
+    doc, raw, _ = read_json_raw(path, where)
+    if expected_crc is not None and _crc.crc32c(raw) != expected_crc:
+        raise CheckpointCorruptError(
+            f"{where}: {os.path.basename(path)} does not match its checksum in the root metadata "
+            f"(CRC32C {_crc.crc32c(raw):#010x}, expected {expected_crc:#010x})"
+        )
     return doc
 
 
@@ -262,7 +313,7 @@ def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
     shape = meta.get("shape")
     if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
         raise CheckpointFormatError(f"{where}: bad shape {shape!r}")
-    if len(shape) > 64 or math.prod(shape) > 1 << 50:
+    if len(shape) > 64 or math.prod(shape) > 1 << 50 or any(n > 1 << 50 for n in shape):
         raise CheckpointFormatError(f"{where}: shape {shape} too large")
     data_type = meta.get("data_type")
     dtype = None if data_type == STRING else from_zarr_name(data_type, where)
@@ -278,7 +329,8 @@ def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
     if dtype is not None and math.prod(chunk) * itemsize > 1 << 32:
         raise CheckpointFormatError(f"{where}: chunk_shape {chunk} too large")
     cke = meta.get("chunk_key_encoding")
-    sep = cke.get("configuration", {}).get("separator", "/") if isinstance(cke, dict) else None
+    cke_conf = cke.get("configuration", {}) if isinstance(cke, dict) else None
+    sep = cke_conf.get("separator", "/") if isinstance(cke_conf, dict) else None
     if not isinstance(cke, dict) or cke.get("name") != "default" or sep not in (".", "/"):
         raise CheckpointFormatError(f"{where}: unsupported chunk_key_encoding {cke!r}")
     codecs = meta.get("codecs")
@@ -291,7 +343,8 @@ def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
     if names != expected:
         raise CheckpointFormatError(f"{where}: unsupported codecs {codecs!r} (format v1 reads {expected})")
     if dtype is not None:
-        endian = (codecs[0].get("configuration") or {}).get("endian", "little")  # type: ignore[index]
+        conf = codecs[0].get("configuration") or {}  # type: ignore[index]
+        endian = conf.get("endian", "little") if isinstance(conf, dict) else None
         if endian != "little" and dtype.itemsize > 1:
             raise CheckpointFormatError(f"{where}: unsupported endian {endian!r}")
     attrs = meta.get("attributes", {})
@@ -308,8 +361,14 @@ def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
     return layout, crcs, attrs
 
 
-def _chunk_path(dirpath: str, layout: Layout, coords: tuple[int, ...]) -> str:
-    return os.path.join(dirpath, *layout.key(coords).split("/"))
+def _chunk_path(dirpath: str, layout: Layout, coords: tuple[int, ...], where: str = "") -> str:
+    key = layout.key(coords)
+    path = os.path.join(dirpath, *key.split("/"))
+    if "/" in key:  # separator "/": the directories on the way must not be symlinks (section 13)
+        parent = os.path.dirname(path)
+        if os.path.realpath(parent) != os.path.join(os.path.realpath(dirpath), *key.split("/")[:-1]):
+            raise CheckpointFormatError(f"{where}: a directory on the way to the chunk file is a symlink")
+    return path
 
 
 def _check_crc(data_crc: int, trailer: bytes, expected: int, where: str) -> None:
@@ -324,19 +383,15 @@ def _check_crc(data_crc: int, trailer: bytes, expected: int, where: str) -> None
 
 
 def _open_nofollow(path: str, where: str):
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointCorruptError(f"{where}: chunk file missing") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise CheckpointFormatError(f"{where}: chunk file is a symlink") from None
-        raise
+    fd, _ = open_regular(path, where, "chunk file")
     return os.fdopen(fd, "rb", buffering=0)
 
 
 def _read_small(f, size: int, where: str) -> bytes:
-    raw = f.read()
+    try:
+        raw = f.read()
+    except OSError as e:
+        raise read_failed(e, where, "chunk file") from e
     if len(raw) != size:
         raise CheckpointCorruptError(f"{where}: chunk file changed while reading")
     return raw
@@ -347,7 +402,7 @@ def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_c
     cwhere = f"{where}, chunk {layout.key(coords)!r}"
     region = layout.region(coords)
     valid = tuple(slice(0, s.stop - s.start) for s in region)
-    with _open_nofollow(_chunk_path(dirpath, layout, coords), cwhere) as f:
+    with _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere) as f:
         size = os.fstat(f.fileno()).st_size
         if layout.dtype is None:
             if size > 1 << 31 or size < S.CRC_BYTES:
@@ -355,6 +410,11 @@ def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_c
             raw = _read_small(f, size, cwhere)
             body = raw[: -S.CRC_BYTES]
             _check_crc(_crc.crc32c(body), raw[-S.CRC_BYTES :], expected_crc, cwhere)
+            n = math.prod(layout.chunk_shape)
+            # the count must be the chunk's size, and fit the bytes (4 per string at least),
+            # before the decoder allocates that many objects (bounded memory; issue 5)
+            if int.from_bytes(body[:4], "little") != n or len(body) < 4 + 4 * n:
+                raise CheckpointCorruptError(f"{cwhere}: text chunk does not hold {n} strings")
             try:
                 values = np.asarray(_VLEN.decode(body), dtype=object)
                 return values.reshape(layout.chunk_shape)[valid]
@@ -383,7 +443,7 @@ def read_chunk_into(
     cwhere = f"{where}, chunk {layout.key(coords)!r}"
     itemsize = layout.dtype.itemsize
     chunk_bytes = math.prod(layout.chunk_shape) * itemsize
-    with _open_nofollow(_chunk_path(dirpath, layout, coords), cwhere) as f:
+    with _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere) as f:
         size = os.fstat(f.fileno()).st_size
         if size != chunk_bytes + S.CRC_BYTES:
             raise CheckpointCorruptError(
@@ -391,8 +451,11 @@ def read_chunk_into(
             )
         start, n = _slab_span(layout, region, itemsize)
         dst = out.reshape(-1).view(np.uint8)[start : start + n].data
-        got = f.readinto(dst) if n else 0
-        rest = f.read()
+        try:
+            got = f.readinto(dst) if n else 0
+            rest = f.read()
+        except OSError as e:
+            raise read_failed(e, cwhere, "chunk file") from e
     if got != n or len(rest) != chunk_bytes - n + S.CRC_BYTES:
         raise CheckpointCorruptError(f"{cwhere}: chunk file changed while reading")
     crc = _crc.crc32c(rest[: -S.CRC_BYTES], _crc.crc32c(dst))

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import crc32c as _crc
 import jax
 import numpy as np
 
@@ -33,6 +35,7 @@ from ._arrays import (
     parse_array,
     read_chunk_into,
     read_json,
+    read_json_raw,
     slab_chunk_shape,
     write_chunk,
     write_file,
@@ -50,7 +53,13 @@ from ._tree import (
     unflatten,
 )
 from ._types import PyTree
-from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError, TargetMismatchError
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointTooLargeError,
+    TargetMismatchError,
+)
 
 TELEMETRY_CHUNK = 65536
 """Samples per telemetry chunk."""
@@ -103,6 +112,70 @@ def _fsync_dir(path: str) -> None:
 def _dump(doc: dict) -> bytes:
     # compact: json's C encoder only runs without indent (10x faster on large consolidated docs)
     return json.dumps(doc, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+def _crc32c(data: bytes) -> int:
+    return _crc.crc32c(data)
+
+
+_ROOT_CRC_SUFFIX = re.compile(b'"' + S.A_ROOT_CRC.encode() + b'":"([0-9a-f]{8})"}}')
+_ROOT_CRC_SUFFIX_LEN = len(S.A_ROOT_CRC) + 3 + 2 + 8 + 2
+"""``"cfs_root_crc32c":"<8 hex digits>"}}``: how every checksummed root zarr.json ends."""
+
+
+def root_bytes(attrs: dict, consolidated: dict | None) -> bytes:
+    """The root zarr.json of a checkpoint: ``attributes`` is its last member and
+    ``cfs_root_crc32c`` the last attribute, holding the CRC32C of every byte before that
+    member (spec/FORMAT.md, "Metadata checksums").  ``attrs`` carries the CRC32C of
+    every other zarr.json (``cfs_metadata_crc32c``), so all metadata is checksummed."""
+    doc: dict = {"zarr_format": 3, "node_type": "group"}
+    if consolidated is not None:
+        doc["consolidated_metadata"] = group_metadata({}, consolidated)["consolidated_metadata"]
+    doc["attributes"] = {k: v for k, v in attrs.items() if k != S.A_ROOT_CRC}
+    body = _dump(doc)
+    head = body[:-2] + (b"," if doc["attributes"] else b"")
+    return head + b'"%s":"%08x"}}' % (S.A_ROOT_CRC.encode(), _crc32c(head))
+
+
+def _check_root_crc(attrs: object, raw: bytes, where: str) -> dict[str, int] | None:
+    """The checkpoint's metadata checksums (relative path -> CRC32C), after checking the
+    root's own; None for a checkpoint written before checksums (it has neither)."""
+    tail = _ROOT_CRC_SUFFIX.fullmatch(raw[-_ROOT_CRC_SUFFIX_LEN:])
+    keys = (S.A_ROOT_CRC, S.A_METADATA_CRCS)
+    if tail is None and not (isinstance(attrs, dict) and any(k in attrs for k in keys)):
+        return None
+    if tail is None:
+        raise CheckpointCorruptError(f"{where}: root zarr.json does not end with its checksum {S.A_ROOT_CRC!r}")
+    got, stored = _crc32c(raw[:-_ROOT_CRC_SUFFIX_LEN]), int(tail.group(1), 16)
+    if got != stored:
+        raise CheckpointCorruptError(
+            f"{where}: root zarr.json does not match its checksum (CRC32C {got:#010x}, stored {stored:#010x})"
+        )
+    crcs = attrs.get(S.A_METADATA_CRCS) if isinstance(attrs, dict) else None
+    if not isinstance(crcs, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32 and _metadata_key_ok(k)
+        for k, v in crcs.items()
+    ):
+        raise CheckpointFormatError(f"{where}: {S.A_METADATA_CRCS!r} must map zarr.json paths to CRC32C values")
+    return crcs
+
+
+def _metadata_key_ok(key: str) -> bool:
+    parts = key.split("/")
+    return (
+        len(parts) >= 2
+        and parts[-1] == "zarr.json"
+        and "\\" not in key
+        and "\x00" not in key
+        and not any(p in ("", ".", "..") for p in parts)
+    )
+
+
+_MISSING = object()
+_ROOTS: dict[tuple, tuple[dict, dict[str, int] | None]] = {}
+"""Checked root attributes by (path, device, inode, size, mtime, ctime) of the root zarr.json:
+a committed checkpoint never changes, so every array read can check its metadata against
+the root's checksums without reading the root again."""
 
 
 @dataclass
@@ -248,14 +321,13 @@ def write_group(dirpath: str, prepared: Prepared, durable: bool = True, base_dir
         return dict(sorted(inner.items(), key=lambda kv: (kv[0].count("/"), kv[0])))
 
     docs: dict[str, dict] = {p: m for p, m in metas.items()}
-    for g in groups:
+    for g in groups - {""}:
         docs[g] = group_metadata({}, consolidated(g) if g in (S.STATE_GROUP, S.TELEMETRY_GROUP) else None)
-    docs[""] = group_metadata(attrs, consolidated(""))
+    raw = {p: _dump(d) for p, d in docs.items()}
+    crcs = {f"{p}/zarr.json": _crc32c(b) for p, b in raw.items()}
+    raw[""] = root_bytes({**attrs, S.A_METADATA_CRCS: crcs}, consolidated(""))
     _run_batched(
-        [
-            partial(write_file, os.path.join(dirpath, *p.split("/"), "zarr.json"), [_dump(d)], durable)
-            for p, d in docs.items()
-        ]
+        [partial(write_file, os.path.join(dirpath, *p.split("/"), "zarr.json"), [b], durable) for p, b in raw.items()]
     )
     if durable:
         dirs = sorted(groups | {a.path for a in arrays}, key=lambda p: p.count("/"))
@@ -270,6 +342,7 @@ def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> Non
     import shutil
 
     dirs = [dirpath]
+    crcs: dict[str, int] = {}
     for base, subdirs, files in os.walk(src):
         rel = os.path.relpath(base, src)
         out = dirpath if rel == "." else os.path.join(dirpath, rel)
@@ -280,6 +353,8 @@ def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> Non
             if rel == "." and f == "zarr.json":
                 continue
             s, d = os.path.join(base, f), os.path.join(out, f)
+            if f == "zarr.json" and S.A_METADATA_CRCS not in attrs:  # a source written before checksums
+                crcs[os.path.relpath(s, src).replace(os.sep, "/")] = _crc32c(read_json_raw(s, src)[1])
             try:
                 os.link(s, d, follow_symlinks=False)
             except OSError:
@@ -290,7 +365,10 @@ def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> Non
                         os.fsync(fd)
                     finally:
                         os.close(fd)
-    write_file(os.path.join(dirpath, "zarr.json"), [_dump(group_metadata(attrs))], durable)
+    if S.A_METADATA_CRCS not in attrs:
+        attrs = {**attrs, S.A_METADATA_CRCS: crcs}
+    # the other metadata files are the source's, so its checksums of them still hold
+    write_file(os.path.join(dirpath, "zarr.json"), [root_bytes(attrs, None)], durable)
     if durable:
         _run_all([partial(_fsync_dir, d) for d in dirs])
 
@@ -298,9 +376,47 @@ def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> Non
 # ---------------------------------------------------------------- reading
 
 
+def _root_key(path: str, st: os.stat_result) -> tuple:
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def metadata_crcs(dirpath: str, where: str) -> dict[str, int] | None:
+    """The checked metadata checksums of the checkpoint at ``dirpath`` (None: written before them)."""
+    path = os.path.join(dirpath, "zarr.json")
+    try:
+        hit = _ROOTS.get(_root_key(path, os.lstat(path)), _MISSING)
+    except OSError:
+        hit = _MISSING
+    if hit is not _MISSING:
+        return hit[1]  # type: ignore[index]
+    return _read_root(dirpath, where)[1]
+
+
+def _expected_crc(crcs: dict[str, int] | None, key: str, where: str) -> int | None:
+    if crcs is None:
+        return None
+    crc = crcs.get(key)
+    if crc is None:
+        raise CheckpointCorruptError(f"{where}: {key} is not in the checkpoint's metadata checksums (added?)")
+    return crc
+
+
 def read_attrs(dirpath: str, where: str) -> dict:
-    """The checkpoint attributes, after checking format name and version."""
-    doc = read_json(os.path.join(dirpath, "zarr.json"), where)
+    """The checkpoint attributes, after checking format name and version and the root's checksum."""
+    return _read_root(dirpath, where)[0]
+
+
+def _read_root(dirpath: str, where: str) -> tuple[dict, dict[str, int] | None]:
+    path = os.path.join(dirpath, "zarr.json")
+    doc, raw, st = read_json_raw(path, where)
+    a = doc.get("attributes")
+    if isinstance(a, dict) and a.get(S.A_FORMAT) == S.FORMAT_NAME:  # a newer version may checksum differently
+        v = a.get(S.A_FORMAT_VERSION)
+        if isinstance(v, int) and not isinstance(v, bool) and v > S.FORMAT_VERSION:
+            raise CheckpointFormatError(
+                f"{where}: format_version {v} is newer than this library reads ({S.FORMAT_VERSION}); upgrade"
+            )
+    crcs = _check_root_crc(a, raw, where)
     if doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
         raise CheckpointFormatError(f"{where}: root is not a Zarr v3 group")
     attrs = doc.get("attributes")
@@ -316,7 +432,10 @@ def read_attrs(dirpath: str, where: str) -> dict:
     for key, kind in ((S.A_RUN_ID, str), (S.A_CHECKPOINT_ID, str), (S.A_ITERATION, int), (S.A_TREE, dict)):
         if not isinstance(attrs.get(key), kind) or isinstance(attrs.get(key), bool):
             raise CheckpointFormatError(f"{where}: attribute {key!r} missing or not a {kind.__name__}")
-    return attrs
+    if len(_ROOTS) > 256:
+        _ROOTS.clear()
+    _ROOTS[_root_key(path, st)] = (attrs, crcs)
+    return attrs, crcs
 
 
 def _safe_join(root: str, relpath: str, where: str) -> str:
@@ -331,9 +450,12 @@ def _safe_join(root: str, relpath: str, where: str) -> str:
     ):
         raise CheckpointFormatError(f"{where}: unsafe path {relpath!r}")
     path = os.path.join(root, *parts)
+    # no symlink anywhere from the checkpoint down: not root (state/, telemetry/), not on the way
+    if os.path.islink(root):
+        raise CheckpointFormatError(f"{where}: {os.path.basename(root)} is a symlink")
     real_root = os.path.realpath(root)
-    if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
-        raise CheckpointFormatError(f"{where}: path {relpath!r} leaves the checkpoint (symlink?)")
+    if os.path.realpath(path) != os.path.join(real_root, *parts):
+        raise CheckpointFormatError(f"{where}: path {relpath!r} goes through a symlink")
     return path
 
 
@@ -361,16 +483,53 @@ class StoredArray:
         ]
 
     def empty(self) -> np.ndarray:
-        if self.layout.dtype is None:
-            return np.empty(self.layout.shape, dtype=object)
-        return np.empty(self.layout.shape, dtype=self.layout.dtype)
+        """The array to restore into.  Before allocating a large one (or any text array,
+        whose ``None``-filled object array is touched at once), check that the chunk files
+        can hold it: a shape they cannot hold is damage, and must not cost its memory."""
+        layout = self.layout
+        per_chunk = math.prod(layout.chunk_shape)
+        if layout.dtype is None:
+            self._check_chunk_sizes(4 + 4 * per_chunk + 4, exact=False)  # count, one length per string, CRC
+        elif math.prod(layout.shape) * layout.dtype.itemsize > 64 << 20:
+            self._check_chunk_sizes(per_chunk * layout.dtype.itemsize + 4, exact=True)
+        try:
+            return np.empty(layout.shape, dtype=object if layout.dtype is None else layout.dtype)
+        except (MemoryError, ValueError) as e:
+            raise CheckpointTooLargeError(f"{self.where}: cannot allocate shape {layout.shape} ({e})") from e
+
+    def _check_chunk_sizes(self, size: int, exact: bool) -> None:
+        for c in self.layout.coords():
+            key = self.layout.key(c)
+            try:
+                st = os.lstat(os.path.join(self.dirpath, *key.split("/")))
+            except OSError:
+                raise CheckpointCorruptError(f"{self.where}, chunk {key!r}: chunk file missing") from None
+            if st.st_size != size if exact else st.st_size < size:
+                raise CheckpointCorruptError(
+                    f"{self.where}, chunk {key!r}: chunk file has {st.st_size} bytes, "
+                    f"{'expected' if exact else 'too few for the shape, at least'} {size}"
+                )
 
 
 def open_array(root: str, relpath: str, where: str) -> StoredArray:
+    """An array of the checkpoint whose ``state/`` or ``telemetry/`` directory is ``root``,
+    its zarr.json checked against the checkpoint's metadata checksums when it has them."""
     dirpath = _safe_join(root, relpath, where)
-    meta = read_json(os.path.join(dirpath, "zarr.json"), where)
-    layout, crcs, attrs = parse_array(meta, where)
-    return StoredArray(where, dirpath, layout, crcs, attrs)
+    crcs = metadata_crcs(os.path.dirname(root), where)
+    key = f"{os.path.basename(root)}/{relpath}/zarr.json"
+    meta = read_json(os.path.join(dirpath, "zarr.json"), where, _expected_crc(crcs, key, where))
+    layout, chunk_crcs, attrs = parse_array(meta, where)
+    return StoredArray(where, dirpath, layout, chunk_crcs, attrs)
+
+
+def check_group_metadata(dirpath: str, prefix: str, skip: set[str], where: str) -> None:
+    """Check every checksummed zarr.json under ``prefix`` that is not in ``skip`` (the group
+    documents a load does not otherwise read): a load detects damage anywhere in the
+    metadata, not only in the files it needs (issue 5)."""
+    crcs = metadata_crcs(dirpath, where)
+    for key, crc in (crcs or {}).items():
+        if key.startswith(prefix) and key not in skip:
+            read_json(_safe_join(dirpath, key, where), f"{where}, {key}", crc)
 
 
 def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
@@ -391,6 +550,8 @@ def _state_nodes(dirpath: str, attrs: dict, checkpoint: str) -> list[tuple[tuple
             out.append((kp, node, open_array(state_dir, node["path"], _leaf_where(checkpoint, kp))))
         else:
             out.append((kp, node, None))
+    arrays = {f"{S.STATE_GROUP}/{node['path']}/zarr.json" for _, node, s in out if s is not None}
+    check_group_metadata(dirpath, S.STATE_GROUP + "/", arrays, f"checkpoint {checkpoint!r}")
     return out
 
 
@@ -476,25 +637,38 @@ def _multi_device(expected: Any) -> bool:
 def read_telemetry(dirpath: str, checkpoint: str) -> dict:
     """The telemetry history: ``{column: 1-D array, ..., "events": [dict, ...]}``."""
     tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
-    read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
     names = _telemetry_names(tdir, checkpoint)
     stored = [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}") for n in names]
     cols = dict(zip(names, read_arrays(stored)))
     ev = {k: cols.pop(k) for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD)}
     try:
         cols["events"] = T.events_from_columns(ev)  # type: ignore[assignment]
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise CheckpointCorruptError(f"checkpoint {checkpoint!r}, telemetry events: {e}") from None
     return cols
 
 
 def _telemetry_names(tdir: str, checkpoint: str) -> list[str]:
-    """The telemetry arrays: every child directory (each must be a valid array)."""
+    """The telemetry arrays: every child directory (each must be a valid array); with
+    metadata checksums, exactly the columns they list (a lost or added column is damage)."""
+    where = f"checkpoint {checkpoint!r}, telemetry"
+    if os.path.islink(tdir):
+        raise CheckpointFormatError(f"{where}: telemetry is a symlink")
+    crcs = metadata_crcs(os.path.dirname(tdir), f"checkpoint {checkpoint!r}")
+    read_json(os.path.join(tdir, "zarr.json"), where, _expected_crc(crcs, f"{S.TELEMETRY_GROUP}/zarr.json", where))
     try:
         with os.scandir(tdir) as it:
             names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
     except FileNotFoundError:
         raise CheckpointCorruptError(f"checkpoint {checkpoint!r}: telemetry group missing") from None
+    except OSError as e:
+        raise CheckpointCorruptError(f"{where}: cannot list the telemetry group ({e})") from None
+    if crcs is not None:
+        listed = {k.split("/")[1] for k in crcs if k.startswith(S.TELEMETRY_GROUP + "/") and k.count("/") == 2}
+        for n in sorted(listed - set(names)):
+            raise CheckpointCorruptError(f"{where}: column {n!r} missing")
+        for n in sorted(set(names) - listed):
+            raise CheckpointCorruptError(f"{where}: unexpected column {n!r} (not in the metadata checksums)")
     for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD):
         if k not in names:
             raise CheckpointCorruptError(f"checkpoint {checkpoint!r}, telemetry: missing {k!r}")
@@ -506,9 +680,9 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
     problems: list[str] = []
     try:
         attrs = read_attrs(dirpath, f"checkpoint {checkpoint!r}")
+        crcs = metadata_crcs(dirpath, f"checkpoint {checkpoint!r}")
         arrays = [s for _, _, s in _state_nodes(dirpath, attrs, checkpoint) if s is not None]
         tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
-        read_json(os.path.join(tdir, "zarr.json"), f"checkpoint {checkpoint!r}, telemetry")
         arrays += [
             open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")
             for n in _telemetry_names(tdir, checkpoint)
@@ -516,19 +690,26 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
     except CheckpointError as e:
         return [str(e)]
     expected_files = {os.path.join(dirpath, "zarr.json")}
+    expected_files.update(os.path.join(dirpath, *k.split("/")) for k in crcs or {})
     for a in arrays:
-        out = a.empty()
-        for task in a.chunk_tasks(out):
+        try:
+            out = a.empty()
+            tasks = a.chunk_tasks(out)
+        except CheckpointError as e:
+            problems.append(str(e))
+            tasks = []
+        for task in tasks:
             try:
                 task()
             except CheckpointError as e:
                 problems.append(str(e))
         expected_files.add(os.path.join(a.dirpath, "zarr.json"))
         expected_files.update(os.path.join(a.dirpath, *a.layout.key(c).split("/")) for c in a.layout.coords())
-    for base, _dirs, files in os.walk(dirpath):
-        for f in files:
+    for base, dirs, files in os.walk(dirpath):
+        # a symlink is never part of a checkpoint, even one to a directory (which os.walk lists as one)
+        for f in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
             p = os.path.join(base, f)
-            if p not in expected_files and f != "zarr.json":
+            if p not in expected_files and (crcs is not None or f != "zarr.json" or os.path.islink(p)):
                 problems.append(f"checkpoint {checkpoint!r}: unexpected file {os.path.relpath(p, dirpath)!r}")
     if not problems:  # the bytes are intact: now everything load checks beyond them
         try:

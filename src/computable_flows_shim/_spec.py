@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidRunIdError, InvalidTagError
+from .errors import InvalidIterationError, InvalidRunIdError, InvalidTagError
 
 FORMAT_NAME = "computable-flows-shim.checkpoint"
 FORMAT_VERSION = 1
@@ -23,6 +23,10 @@ A_METADATA = "metadata"
 A_LINEAGE = "lineage"
 A_TELEMETRY_SUMMARY = "telemetry_summary"
 A_TREE = "pytree"
+# Metadata checksums (spec/FORMAT.md, "Metadata checksums"): CRC32C of every other zarr.json
+# of the checkpoint, and of the root zarr.json itself (its last member).
+A_METADATA_CRCS = "cfs_metadata_crc32c"
+A_ROOT_CRC = "cfs_root_crc32c"
 
 # Array attributes (spec/FORMAT.md, "Arrays").
 AA_CRC32C = "cfs_chunk_crc32c"
@@ -87,7 +91,7 @@ def validate_iteration(iteration: object) -> int:
     import numbers
 
     if isinstance(iteration, bool) or not isinstance(iteration, numbers.Integral) or int(iteration) < 0:
-        raise ValueError(f"iteration must be a non-negative int, got {iteration!r}")
+        raise InvalidIterationError(f"iteration must be a non-negative int, got {iteration!r}")
     return int(iteration)
 
 

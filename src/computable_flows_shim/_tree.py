@@ -131,6 +131,8 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
         return names
 
     def walk(x: Any, kp: KeyPath, path: str) -> dict:
+        if len(kp) > MAX_DEPTH:
+            raise UnsupportedLeafError(f"{keystr(kp[:3])}...: pytree nested deeper than {MAX_DEPTH} levels (a cycle?)")
         if x is None:
             return {"kind": "none"}
         if isinstance(x, bool):
@@ -192,8 +194,15 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
     return walk(state, (), ""), leaves
 
 
+MAX_DEPTH = 100
+"""Deepest pytree the format stores (writers refuse deeper trees, readers refuse them too:
+the walk is recursive, and a cycle must not exhaust the stack)."""
+
+
 def iter_leaf_nodes(tree: Any, kp: KeyPath = (), where: str = "pytree"):
     """Yield ``(keypath, node)`` for every array and scalar node, validating shape."""
+    if len(kp) > MAX_DEPTH:
+        raise CheckpointFormatError(f"{where}: pytree nested deeper than {MAX_DEPTH} levels")
     if not isinstance(tree, dict) or not isinstance(tree.get("kind"), str):
         raise CheckpointFormatError(f"{where}: malformed pytree node at {keystr(kp)}")
     kind = tree["kind"]
@@ -213,6 +222,11 @@ def iter_leaf_nodes(tree: Any, kp: KeyPath = (), where: str = "pytree"):
         keys = tree.get("keys")  # type: ignore[assignment]
         if not isinstance(keys, list) or len(keys) != len(children):
             raise CheckpointFormatError(f"{where}: keys do not match children at {keystr(kp)}")
+        # keys are str or int (not bool), distinct: each names one child (section 7)
+        if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys) or len(
+            {(type(k), k) for k in keys}
+        ) != len(keys):
+            raise CheckpointFormatError(f"{where}: keys must be distinct strings or integers at {keystr(kp)}")
     for k, c in zip(keys, children):
         yield from iter_leaf_nodes(c, kp + (k,), where)
 

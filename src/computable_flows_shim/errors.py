@@ -22,6 +22,8 @@ __all__ = [
     "UnsupportedLeafError",
     "MetadataError",
     "CheckpointWriteError",
+    "CheckpointTooLargeError",
+    "InvalidIterationError",
     "CheckpointWarning",
     "MissingDependencyError",
     "ExportError",
@@ -101,6 +103,17 @@ class MetadataError(CheckpointError, TypeError):
 class CheckpointWriteError(CheckpointError, OSError):
     """Raised when writing a checkpoint fails (ENOSPC, EIO, ...).  Nothing is
     committed and the temporary is removed; ``__cause__`` holds the OS error."""
+
+
+class CheckpointTooLargeError(CheckpointError, MemoryError):
+    """Raised when restoring an array needs more memory than can be allocated.  A shape
+    that its chunk files cannot hold is refused before allocating, as damage
+    (CheckpointCorruptError), so this means the files really are that large."""
+
+
+class InvalidIterationError(CheckpointError, ValueError):
+    """Raised before anything is written when an iteration is not a non-negative integer
+    (it is part of the checkpoint id)."""
 
 
 class CheckpointWarning(UserWarning):
