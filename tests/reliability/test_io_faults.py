@@ -19,6 +19,7 @@ was asked) or write nothing, once or persistently.  For every trial:
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -62,6 +63,7 @@ def fault_sweep(forkserver, store: str, shape: str, figures: dict, op: str = "sa
             "saves succeeded despite the fault",
             "committed, error says so (store fsync and take-back failed)",
             "temporaries left",
+            "rollbacks refused: source unreadable (read fault)",
         ],
         0,
     )
@@ -84,6 +86,12 @@ def fault_sweep(forkserver, store: str, shape: str, figures: dict, op: str = "sa
             mgr = CheckpointManager(store)
             assert_checkpoint_is(mgr, new, make_save_args(*new_as))
             mgr.delete_checkpoint(new)
+        elif op == "rollback" and "CheckpointCorruptError" in res["error"]["mro"]:
+            # the fault hit reading the source, before anything was written: a clear error naming it
+            err, first = res["error"], injected[0]
+            assert repr(base[1]) in err["message"] and first["op"] == "open", (what, err)
+            assert os.path.join(store, base[1]) in first["path"], (what, first)
+            counts["rollbacks refused: source unreadable (read fault)"] += 1
         else:
             err = res["error"]
             assert injected, f"{what}: failed without an injected fault: {err}"
