@@ -106,7 +106,7 @@ def _json_attrs(view: CheckpointView) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for k, v in view.attrs.items():
-        if k == S.A_TREE:
+        if k == S.A_TREE or k in (S.A_METADATA_CRCS, S.A_ROOT_CRC):  # structure and checksums: not for users
             continue
         out[k] = v if isinstance(v, (str, int, float)) and not isinstance(v, bool) else json.dumps(v)
     return out
