@@ -409,6 +409,15 @@ def read_attrs(dirpath: str, where: str) -> dict:
 def _read_root(dirpath: str, where: str) -> tuple[dict, dict[str, int] | None]:
     path = os.path.join(dirpath, "zarr.json")
     doc, raw, st = read_json_raw(path, where)
+    attrs, crcs = parse_root(doc, raw, where)
+    if len(_ROOTS) > 256:
+        _ROOTS.clear()
+    _ROOTS[_root_key(path, st)] = (attrs, crcs)
+    return attrs, crcs
+
+
+def parse_root(doc: dict, raw: bytes, where: str) -> tuple[dict, dict[str, int] | None]:
+    """Check a parsed root zarr.json (``raw``: its bytes); returns its attributes and metadata checksums."""
     a = doc.get("attributes")
     if isinstance(a, dict) and a.get(S.A_FORMAT) == S.FORMAT_NAME:  # a newer version may checksum differently
         v = a.get(S.A_FORMAT_VERSION)
@@ -432,9 +441,6 @@ def _read_root(dirpath: str, where: str) -> tuple[dict, dict[str, int] | None]:
     for key, kind in ((S.A_RUN_ID, str), (S.A_CHECKPOINT_ID, str), (S.A_ITERATION, int), (S.A_TREE, dict)):
         if not isinstance(attrs.get(key), kind) or isinstance(attrs.get(key), bool):
             raise CheckpointFormatError(f"{where}: attribute {key!r} missing or not a {kind.__name__}")
-    if len(_ROOTS) > 256:
-        _ROOTS.clear()
-    _ROOTS[_root_key(path, st)] = (attrs, crcs)
     return attrs, crcs
 
 
@@ -482,20 +488,32 @@ class StoredArray:
             for c, crc in zip(self.layout.coords(), self.crcs)
         ]
 
-    def empty(self) -> np.ndarray:
-        """The array to restore into.  Before allocating a large one (or any text array,
-        whose ``None``-filled object array is touched at once), check that the chunk files
-        can hold it: a shape they cannot hold is damage, and must not cost its memory."""
+    def empty(self, backed: bool = False) -> np.ndarray:
+        """The array to restore into, after :meth:`check_backed` (unless ``backed``: done)."""
         layout = self.layout
-        per_chunk = math.prod(layout.chunk_shape)
-        if layout.dtype is None:
-            self._check_chunk_sizes(4 + 4 * per_chunk + 4, exact=False)  # count, one length per string, CRC
-        elif math.prod(layout.shape) * layout.dtype.itemsize > 64 << 20:
-            self._check_chunk_sizes(per_chunk * layout.dtype.itemsize + 4, exact=True)
+        if not backed:
+            self.check_backed()
+        _check_fits_in_memory(self.nbytes, self.where)
         try:
             return np.empty(layout.shape, dtype=object if layout.dtype is None else layout.dtype)
         except (MemoryError, ValueError) as e:
             raise CheckpointTooLargeError(f"{self.where}: cannot allocate shape {layout.shape} ({e})") from e
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the restored array (8 per string for text: the object array itself)."""
+        return math.prod(self.layout.shape) * (8 if self.layout.dtype is None else self.layout.dtype.itemsize)
+
+    def check_backed(self) -> None:
+        """Before allocating a large array (or any text array, whose ``None``-filled object
+        array is touched at once), check that the chunk files can hold it: a shape they
+        cannot hold is damage, and must not cost its memory (issue 5)."""
+        layout = self.layout
+        per_chunk = math.prod(layout.chunk_shape)
+        if layout.dtype is None:
+            self._check_chunk_sizes(4 + 4 * per_chunk + 4, exact=False)  # count, one length per string, CRC
+        elif self.nbytes > 64 << 20:
+            self._check_chunk_sizes(per_chunk * layout.dtype.itemsize + 4, exact=True)
 
     def _check_chunk_sizes(self, size: int, exact: bool) -> None:
         for c in self.layout.coords():
@@ -532,8 +550,23 @@ def check_group_metadata(dirpath: str, prefix: str, skip: set[str], where: str) 
             read_json(_safe_join(dirpath, key, where), f"{where}, {key}", crc)
 
 
+def _check_fits_in_memory(nbytes: int, where: str) -> None:
+    """Refuse to restore more than the machine's physical memory: the chunk files may be
+    sparse, so a hostile checkpoint could otherwise make a load fill all memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > total:
+        raise CheckpointTooLargeError(f"{where}: restoring needs {nbytes} bytes, more than this machine's {total}")
+
+
 def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
-    outs = [a.empty() for a in arrays]
+    for a in arrays:
+        a.check_backed()
+    if arrays:
+        _check_fits_in_memory(sum(a.nbytes for a in arrays), arrays[0].where.split(", leaf")[0])
+    outs = [a.empty(backed=True) for a in arrays]
     _run_all([t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)])
     return outs
 
