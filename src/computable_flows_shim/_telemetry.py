@@ -31,6 +31,9 @@ def _column(name: str, values: Any) -> np.ndarray:
     if a.ndim != 1:
         raise MetadataError(f"telemetry column {name!r}: expected 1-D values, got shape {a.shape}")
     if a.dtype.kind == "U":
+        # numpy turns ["a", 1] into text ["a", "1"]: refuse rather than change a value's type
+        if not isinstance(values, np.ndarray) and set(map(type, values)) - {str, np.str_}:
+            raise MetadataError(f"telemetry column {name!r}: mixes text with other values")
         return a.astype(object)
     if a.dtype.kind == "O":
         if set(map(type, a.tolist())) - {str}:  # map/set run in C: ~20 ms per million samples

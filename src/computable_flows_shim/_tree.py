@@ -14,6 +14,7 @@ import hashlib
 import keyword
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -119,7 +120,10 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
     leaves: list[Leaf] = []
 
     def children_names(keys: list[Any], kp: KeyPath) -> list[str]:
-        names = [encode_name(k) for k in keys]
+        try:
+            names = [encode_name(k) for k in keys]
+        except UnsupportedLeafError as e:  # name the container holding the bad key
+            raise UnsupportedLeafError(f"{keystr(kp)}: {e}") from None
         folded = collections.Counter(n.lower() for n in names)
         if len(folded) != len(names):
             # Keys equal up to case would share one file on case-insensitive file
@@ -172,7 +176,12 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
                 "keys": fields,
                 "children": [walk(c, kp + (f,), sub(n)) for c, f, n in zip(x, fields, names)],
             }
-        pairs, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+        try:
+            with warnings.catch_warnings():  # JAX warns that an iterable (a generator...) is a leaf: it is refused here
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pairs, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+        except Exception as e:  # noqa: BLE001 - a node type whose flatten fails, or a future JAX refusing it
+            raise UnsupportedLeafError(f"{keystr(kp)}: cannot flatten {type(x).__name__} ({e})") from e
         if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # type: ignore[attr-defined]
             raise UnsupportedLeafError(
                 f"{keystr(kp)}: unsupported leaf of type {type(x).__name__} "
