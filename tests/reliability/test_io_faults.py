@@ -62,7 +62,7 @@ def fault_sweep(forkserver, store: str, shape: str, figures: dict, op: str = "sa
             "saves failed cleanly",
             "saves succeeded despite the fault",
             "committed, error says so (store fsync and take-back failed)",
-            "temporaries left",
+            "temporaries the failed save could not remove (persistent fault), removed by the next open",
             "rollbacks refused: source unreadable (read fault)",
         ],
         0,
@@ -113,7 +113,7 @@ def fault_sweep(forkserver, store: str, shape: str, figures: dict, op: str = "sa
             # only a persistent fault can keep the failed save from removing its temporary
             # (it cannot even open the directory to remove it); the next manager does
             assert persistent and res["status"] == "error", (what, res["staging_left"])
-            counts["temporaries left"] += 1
+            counts["temporaries the failed save could not remove (persistent fault), removed by the next open"] += 1
         mgr = CheckpointManager(store)  # what the next job sees
         assert staging_entries(store) == [], what
         assert set(mgr.store.names()) == expected, what
