@@ -13,17 +13,13 @@ import os
 import sys
 from typing import Any
 
+from ._repr import human_bytes
+
 
 def _manager(args: argparse.Namespace):
     from . import CheckpointManager
 
     return CheckpointManager(args.root)
-
-
-def _human(n: int) -> str:
-    from ._repr import human_bytes
-
-    return human_bytes(n)
 
 
 def show_layout(mgr: Any, view: Any) -> dict[str, Any]:
@@ -45,8 +41,8 @@ def print_leaves(layout: dict[str, Any]) -> None:
     disk = layout["disk"]
     if disk is not None:
         print(
-            f"{'on disk':>18}: {_human(disk['bytes'])} in {disk['files']} files "
-            f"({_human(disk['exclusive_bytes'])} exclusive, {_human(disk['shared_bytes'])} hard-linked with "
+            f"{'on disk':>18}: {human_bytes(disk['bytes'])} in {disk['files']} files "
+            f"({human_bytes(disk['exclusive_bytes'])} exclusive, {human_bytes(disk['shared_bytes'])} hard-linked with "
             "other checkpoints)"
         )
     rows = []
@@ -63,8 +59,8 @@ def print_leaves(layout: dict[str, Any]) -> None:
                 str(tuple(leaf["shape"])),
                 str(tuple(leaf["chunks"])),
                 f"{grid} = {leaf['nchunks']}",
-                _human(leaf["bytes"]),
-                _human(leaf["disk_bytes"]),
+                human_bytes(leaf["bytes"]),
+                human_bytes(leaf["disk_bytes"]),
             )
         )
     headers = ("leaf", "dtype", "shape", "chunks", "grid", "bytes", "on disk")

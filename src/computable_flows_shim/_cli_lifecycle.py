@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from ._repr import human_bytes
+
 
 def bar(args: argparse.Namespace, total: int, *, unit: str = "checkpoint", nbytes: bool = False, desc: str = ""):
     """A tqdm progress bar on stderr, shown only on a terminal, never in ``--json`` mode, and
@@ -29,16 +31,6 @@ def bar(args: argparse.Namespace, total: int, *, unit: str = "checkpoint", nbyte
         leave=False,
         **extra,
     )
-
-
-def human(n: int) -> str:
-    """Bytes in binary units: ``1.5 MiB``."""
-    x = float(n)
-    for u in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(x) < 1024 or u == "TiB":
-            return f"{x:.0f} {u}" if u == "B" else f"{x:.1f} {u}"
-        x /= 1024
-    raise AssertionError("unreachable")
 
 
 def _positive_int(text: str) -> int:
@@ -150,7 +142,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     print(
         f"{verb} {len(report.deleted)} of {len(report.decisions)} checkpoint(s), "
-        f"{'freeing' if args.dry_run else 'freed'} {human(freed)}"
+        f"{'freeing' if args.dry_run else 'freed'} {human_bytes(freed)}"
     )
     return 0
 
@@ -172,25 +164,25 @@ def cmd_du(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{os.path.abspath(args.root)}: {len(usage.checkpoints)} checkpoint(s) in {len(usage.runs)} run(s), "
-        f"{human(usage.total_bytes)} (hard-linked files counted once)"
+        f"{human_bytes(usage.total_bytes)} (hard-linked files counted once)"
     )
     print(f"{'run':<32} {'checkpoints':>11} {'bytes':>11} {'exclusive':>11} {'shared':>11}")
     for r in usage.runs:
         print(
-            f"{r.run_id:<32} {r.checkpoints:>11} {human(r.bytes):>11} {human(r.exclusive_bytes):>11} "
-            f"{human(r.shared_bytes):>11}"
+            f"{r.run_id:<32} {r.checkpoints:>11} {human_bytes(r.bytes):>11} {human_bytes(r.exclusive_bytes):>11} "
+            f"{human_bytes(r.shared_bytes):>11}"
         )
     if args.run is not None:
         print(f"\n{'checkpoint':<40} {'files':>6} {'bytes':>11} {'exclusive':>11} {'shared':>11}")
         for c in usage.checkpoints:
             print(
-                f"{c.checkpoint_id:<40} {c.files:>6} {human(c.bytes):>11} {human(c.exclusive_bytes):>11} "
-                f"{human(c.shared_bytes):>11}"
+                f"{c.checkpoint_id:<40} {c.files:>6} {human_bytes(c.bytes):>11} {human_bytes(c.exclusive_bytes):>11} "
+                f"{human_bytes(c.shared_bytes):>11}"
             )
     if report is not None:
         print(
             f"\ngc with {report.policy} would delete {len(report.deleted)} checkpoint(s) "
-            f"and free {human(out['gc']['would_free_bytes'])}"
+            f"and free {human_bytes(out['gc']['would_free_bytes'])}"
         )
     return 0
 
