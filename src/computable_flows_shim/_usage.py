@@ -15,6 +15,7 @@ Sizes are file sizes (``st_size``), not allocated blocks; directories are not co
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Iterable
@@ -45,15 +46,7 @@ class CheckpointUsage:
         return self.bytes - self.exclusive_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "checkpoint_id": self.checkpoint_id,
-            "run_id": self.run_id,
-            "iteration": self.iteration,
-            "files": self.files,
-            "bytes": self.bytes,
-            "exclusive_bytes": self.exclusive_bytes,
-            "shared_bytes": self.shared_bytes,
-        }
+        return {**dataclasses.asdict(self), "shared_bytes": self.shared_bytes}
 
 
 @dataclass(frozen=True)
@@ -71,13 +64,7 @@ class RunUsage:
         return self.bytes - self.exclusive_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "checkpoints": self.checkpoints,
-            "bytes": self.bytes,
-            "exclusive_bytes": self.exclusive_bytes,
-            "shared_bytes": self.shared_bytes,
-        }
+        return {**dataclasses.asdict(self), "shared_bytes": self.shared_bytes}
 
 
 @dataclass(frozen=True)
