@@ -28,6 +28,7 @@ from ._retention import (
     RetentionReport,
     any_of,
 )
+from ._s3 import ObjectStore
 from ._spec import FORMAT_NAME, FORMAT_VERSION
 from ._store import LocalDirectoryStore, Store
 from ._types import CheckpointId, PyTree, RunId, Step
@@ -52,6 +53,7 @@ from .errors import (
     InvalidTagError,
     MetadataError,
     MissingDependencyError,
+    StoreUnavailableError,
     TargetMismatchError,
     UnsupportedLeafError,
 )
@@ -89,10 +91,12 @@ __all__ = [
     "CheckpointWarning",
     "CheckpointWriteError",
     "CheckpointTooLargeError",
+    "StoreUnavailableError",
     "InvalidIterationError",
     "InvalidRunIdError",
     "LazyArray",
     "LocalDirectoryStore",
+    "ObjectStore",
     "MetadataError",
     "PyTree",
     "RunId",

@@ -17,7 +17,7 @@ import math
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,14 +64,43 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EI
 """Errors that say nothing about the checkpoint (this process is out of something): raised as they are."""
 
 
+_MIRRORS: dict[str, Callable[[str], bool]] = {}
+"""Read-through mirrors of remote checkpoints (the object-store backend, ``_s3.py``): a
+local directory (with a trailing separator) and the function that fetches one of its
+files on first open, given its path relative to that directory (True if fetched)."""
+
+
+def register_mirror(root: str, fetch: Callable[[str], bool]) -> None:
+    _MIRRORS[os.path.join(root, "")] = fetch
+
+
+def unregister_mirror(root: str) -> None:
+    _MIRRORS.pop(os.path.join(root, ""), None)
+
+
+def fetch_missing(path: str) -> bool:
+    """Fetch a missing file of a mirrored remote checkpoint; False when ``path`` is not
+    in a mirror or the checkpoint has no such object (then it is missing, as locally)."""
+    for root, fetch in list(_MIRRORS.items()):
+        if path.startswith(root):
+            return fetch(path[len(root) :])
+    return False
+
+
 def open_regular(path: str, where: str, what: str) -> tuple[int, os.stat_result]:
     """Open a checkpoint file for reading: never through a symlink, never anything but a
     regular file (a FIFO would block, a device or directory would not read as a file), and
     the reasons it cannot be opened as our errors (a hostile or damaged checkpoint must
-    raise nothing else; issue 5)."""
+    raise nothing else; issue 5).  A file of a remote checkpoint's mirror is fetched on
+    first open (see :func:`fetch_missing`)."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            if not (_MIRRORS and fetch_missing(path)):
+                raise
+            fd = os.open(path, flags)
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             raise CheckpointCorruptError(f"{where}: {what} missing") from None
@@ -286,12 +315,16 @@ def write_chunk(
     with the same layout.  When its CRC matches and its bytes are identical, the
     chunk is hard-linked instead of written (an incremental save): the file is
     immutable, and a link keeps this checkpoint whole when the other is deleted."""
-    bufs = chunk_buffers(array, layout, coords)
+    return store_chunk(chunk_buffers(array, layout, coords), os.path.join(dirpath, layout.key(coords)), durable, base)
+
+
+def store_chunk(bufs: list, path: str, durable: bool, base: tuple[str, int] | None = None) -> tuple[int, int]:
+    """Append the CRC32C to a chunk's encoded ``bufs`` and write (or hard-link, see
+    :func:`write_chunk`) the chunk file ``path``; returns ``(crc32c, bytes written)``."""
     crc = 0
     for b in bufs:
         crc = _crc.crc32c(b, crc)
-    bufs.append(crc.to_bytes(S.CRC_BYTES, "little"))
-    path = os.path.join(dirpath, layout.key(coords))
+    bufs = [*bufs, crc.to_bytes(S.CRC_BYTES, "little")]
     if base is not None and base[1] == crc:
         try:
             if _same_file_bytes(base[0], bufs):

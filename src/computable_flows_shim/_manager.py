@@ -19,8 +19,8 @@ from . import _codec, _retention, _usage
 from . import _spec as S
 from ._jsonattrs import to_json
 from ._retention import RetentionPolicy, RetentionReport
+from ._s3 import ObjectStore, is_url
 from ._store import LocalDirectoryStore, Store
-from ._tags import TagIndex
 from ._types import CheckpointId, PyTree, RunId, Step
 from ._view import CheckpointView, deleted_while_reading
 from .errors import (
@@ -122,7 +122,13 @@ class CheckpointManager:
     def __init__(
         self, root: str | os.PathLike | Store, *, durable: bool = True, retention: RetentionPolicy | None = None
     ) -> None:
-        self.store: Store = root if isinstance(root, Store) else LocalDirectoryStore(root)
+        self.store: Store
+        if isinstance(root, Store):
+            self.store = root
+        elif is_url(root):
+            self.store = ObjectStore(str(root))
+        else:
+            self.store = LocalDirectoryStore(root)
         self.durable = durable
         self.retention = retention
         """Default policy of :meth:`apply_retention`, applied to a run after each of its saves."""
@@ -214,6 +220,8 @@ class CheckpointManager:
     def _base_dir(self, run_id: str) -> str | None:
         """The run's most recent checkpoint (for incremental saves), from names alone."""
         last = self._last_saved.get(run_id)
+        if not self.store.supports_links:
+            return None  # nothing to link to: every chunk is written
         if last is None or not self.store.exists(last):
             ids = [n for n in self.store.names() if (m := S.CHECKPOINT_ID_RE.match(n)) and m.group("run") == run_id]
             last = max(ids, default=None)
@@ -221,7 +229,8 @@ class CheckpointManager:
 
     def _save(self, run_id: str, cid: str, prepared: _codec.Prepared, base_dir: str | None) -> None:
         stats: list[_codec.WriteStats] = []
-        self._write(cid, lambda tmp: stats.append(_codec.write_group(tmp, prepared, self.durable, base_dir)))
+        durable = self.durable and self.store.staging_is_final
+        self._write(cid, lambda tmp: stats.append(_codec.write_group(tmp, prepared, durable, base_dir)))
         self.last_save_stats = stats[0]
         self._last_saved[run_id] = cid
         if self.retention is not None:  # runs in the saver thread for blocking=False; its failure surfaces alike
@@ -263,7 +272,8 @@ class CheckpointManager:
         with the same state and telemetry and lineage pointing back.  Array files
         are hard-linked where the file system allows (else copied)."""
         self.wait_until_finished()
-        src = self._dir(checkpoint_id)
+        self._dir(checkpoint_id)
+        src = self.store.materialize(checkpoint_id)
         attrs = self._attrs(checkpoint_id)
         it = attrs[S.A_ITERATION] if iteration is None else iteration
         cid = S.make_checkpoint_id(target_run_id, it)
@@ -280,7 +290,8 @@ class CheckpointManager:
             },
         }
         new[S.A_TELEMETRY_SUMMARY] = {**attrs.get(S.A_TELEMETRY_SUMMARY, {}), "total_iterations": int(it)}
-        return self._write(cid, lambda tmp: _codec.link_group(src, tmp, new, self.durable))
+        durable = self.durable and self.store.staging_is_final
+        return self._write(cid, lambda tmp: _codec.link_group(src, tmp, new, durable))
 
     # ------------------------------------------------------------ reading
     def _dir(self, checkpoint_id: CheckpointId) -> str:
@@ -293,8 +304,10 @@ class CheckpointManager:
         return self.store.path(checkpoint_id)
 
     def checkpoint_path(self, checkpoint_id: CheckpointId) -> str:
-        """The Zarr group's location, for zarr-python, tensorstore, xarray..."""
-        return self._dir(checkpoint_id)
+        """The Zarr group's location, for zarr-python, tensorstore, xarray... (a directory,
+        or an ``s3://`` URL in an object store)."""
+        self._dir(checkpoint_id)
+        return self.store.url(checkpoint_id)
 
     def _attrs(self, checkpoint_id: CheckpointId) -> dict:
         attrs = _codec.read_attrs(self._dir(checkpoint_id), f"checkpoint {checkpoint_id!r}")
@@ -360,7 +373,7 @@ class CheckpointManager:
                 continue
             except FileNotFoundError:
                 continue  # deleted while listing
-            out.append(CheckpointInfo.from_attrs(attrs, self.store.path(name)))
+            out.append(CheckpointInfo.from_attrs(attrs, self.store.url(name)))
         out.sort(key=lambda i: (i.created_at, i.iteration, i.checkpoint_id), reverse=True)
         return out
 
@@ -372,7 +385,8 @@ class CheckpointManager:
     def verify_checkpoint(self, checkpoint_id: CheckpointId) -> VerifyReport:
         """Read every chunk of every array and report what is damaged
         (CheckpointNotFoundError if the checkpoint is deleted meanwhile)."""
-        path = self._dir(checkpoint_id)
+        self._dir(checkpoint_id)
+        path = self.store.materialize(checkpoint_id)
         try:
             with deleted_while_reading(path, checkpoint_id):
                 self._attrs(checkpoint_id)
@@ -398,19 +412,19 @@ class CheckpointManager:
         """
         S.validate_tag(tag)
         self._dir(checkpoint_id)
-        return TagIndex(self.store, self.durable).add(checkpoint_id, tag)
+        return self.store.tag_index(self.durable).add(checkpoint_id, tag)
 
     def untag_checkpoint(self, checkpoint_id: CheckpointId, tag: str) -> bool:
         """Remove a tag; False if the checkpoint did not have it."""
         S.validate_tag(tag)
         if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
             raise CheckpointNotFoundError(f"{checkpoint_id!r} is not a checkpoint id")
-        return TagIndex(self.store, self.durable).remove(checkpoint_id, tag)
+        return self.store.tag_index(self.durable).remove(checkpoint_id, tag)
 
     def tags(self, checkpoint_id: CheckpointId) -> list[str]:
         """The tags of a checkpoint, sorted."""
         self._dir(checkpoint_id)
-        return sorted(TagIndex(self.store, self.durable).of(checkpoint_id))
+        return sorted(self.store.tag_index(self.durable).of(checkpoint_id))
 
     def tagged(self, tag: str | None = None, run_id: RunId | None = None) -> dict[CheckpointId, list[str]]:
         """Existing checkpoints carrying ``tag`` (any tag when None), with all their tags, by id.
@@ -425,7 +439,7 @@ class CheckpointManager:
         if run_id is not None:
             S.validate_run_id(run_id)
         out = {}
-        for cid, tags in sorted(TagIndex(self.store, self.durable).all().items()):
+        for cid, tags in sorted(self.store.tag_index(self.durable).all().items()):
             m = S.CHECKPOINT_ID_RE.match(cid)
             if (tag is None or tag in tags) and (run_id is None or (m and m.group("run") == run_id)):
                 if self.store.exists(cid):
@@ -441,7 +455,7 @@ class CheckpointManager:
         if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
             raise CheckpointNotFoundError(f"{checkpoint_id!r} is not a checkpoint id")
         if isinstance(self.store, LocalDirectoryStore):
-            TagIndex(self.store, self.durable).drop(checkpoint_id)
+            self.store.tag_index(self.durable).drop(checkpoint_id)
         return self.store.delete(checkpoint_id)
 
     def cleanup_old_checkpoints(self, run_id: RunId, keep_last: int = 5) -> int:
@@ -494,7 +508,7 @@ class CheckpointManager:
         force: bool,
         progress: Callable[[int, int, CheckpointId], None] | None = None,
     ) -> RetentionReport:
-        tags = TagIndex(self.store, self.durable).all() if isinstance(self.store, LocalDirectoryStore) else {}
+        tags = self.store.tag_index(self.durable).all()
         decisions = _retention.plan(run_id, self.list_checkpoints(), tags, policy, force)
         report = RetentionReport(run_id, str(policy), dry_run, force, decisions)
         if not dry_run:

@@ -55,6 +55,12 @@ TRASH_DIR = ".cfs-trash"
 # Tags (spec/FORMAT.md, "Tags"): ``.cfs-tags/<checkpoint_id>/<tag>`` empty files, kept
 # outside the checkpoint because a committed checkpoint is never written into.
 TAGS_DIR = ".cfs-tags"
+# Object stores (spec/FORMAT.md, "Object stores"): a checkpoint's objects live under
+# ``<checkpoint_id>/<upload token>/``; it exists exactly when its commit record does.
+COMMITS_PREFIX = ".cfs-commits"
+UPLOADS_PREFIX = ".cfs-uploads"
+COMMIT_RECORD_FORMAT = "computable-flows-shim.commit"
+COMMIT_RECORD_VERSION = 1
 CHECKPOINT_ID_RE = re.compile(r"^(?P<run>[A-Za-z0-9][A-Za-z0-9._-]{0,127})-i(?P<it>[0-9]{12,})$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ITERATION_DIGITS = 12

@@ -32,6 +32,11 @@ class Store(abc.ABC):
     """The contract a checkpoint backend implements (small on purpose)."""
 
     supports_rename: bool = False
+    supports_links: bool = False
+    """Chunks identical to the run's previous checkpoint can be linked, not written (incremental saves)."""
+    staging_is_final: bool = True
+    """The staging directory's files are the committed bytes (so a durable save fsyncs them);
+    False where ``commit`` uploads them elsewhere (an object store)."""
 
     @abc.abstractmethod
     def names(self) -> list[str]:
@@ -39,7 +44,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def path(self, name: str) -> str:
-        """Location of a committed entry, for readers and other tools."""
+        """A local directory holding a committed entry, for this package's readers."""
+
+    def url(self, name: str) -> str:
+        """Where other tools (zarr-python, tensorstore, xarray) open a committed entry."""
+        return self.path(name)
+
+    def materialize(self, name: str) -> str:
+        """Like :meth:`path`, with every file of the entry present locally (for walks
+        over all files: verify, rollback)."""
+        return self.path(name)
+
+    def tag_index(self, durable: bool = True) -> Any:
+        """The store's tags (a ``TagIndex``-like object: add/remove/of/all/drop)."""
+        from ._tags import TagIndex
+
+        return TagIndex(self, durable)
 
     @abc.abstractmethod
     def exists(self, name: str) -> bool: ...
@@ -102,6 +122,7 @@ class LocalDirectoryStore(Store):
     """Checkpoints as directories under ``root`` on a local (POSIX) file system."""
 
     supports_rename = True
+    supports_links = True
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = os.path.abspath(os.fspath(root))

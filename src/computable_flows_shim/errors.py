@@ -105,6 +105,11 @@ class CheckpointWriteError(CheckpointError, OSError):
     committed and the temporary is removed; ``__cause__`` holds the OS error."""
 
 
+class StoreUnavailableError(CheckpointError, OSError):
+    """Raised when an object store cannot be reached or refuses a request that is not about
+    one checkpoint (network down, bad credentials, missing bucket); nothing was committed."""
+
+
 class CheckpointTooLargeError(CheckpointError, MemoryError):
     """Raised when restoring an array needs more memory than can be allocated.  A shape
     that its chunk files cannot hold is refused before allocating, as damage

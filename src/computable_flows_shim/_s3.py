@@ -1,0 +1,505 @@
+"""Checkpoints in an object store (S3 and the servers that speak its protocol).
+
+Object stores have no rename, so the local commit protocol (stage, fsync, rename)
+becomes, for checkpoint ``<id>`` (spec/FORMAT.md, "Object stores"):
+
+1. ``PUT .cfs-uploads/<id>/<token>.json``: an upload marker with an expiry (the lease);
+2. ``PUT <id>/<token>/<key>`` for every file of the group, written locally first by the
+   same codec as a directory store (the bytes are identical), the root ``zarr.json`` last;
+3. ``PUT .cfs-commits/<id>.json`` with ``If-None-Match: *``: the commit record, naming the
+   upload and every object with its size and CRC32C.  The checkpoint exists from this
+   moment, whole; a second writer of the same id gets 412 and nothing of its upload is
+   ever visible (it wrote under its own token);
+4. ``DELETE`` the marker.
+
+Readers list ``.cfs-commits/`` only and read only the objects a record names, checking
+their size and CRC32C, so objects of an upload that never committed are never seen.  A
+delete removes the record first (the checkpoint vanishes at once), then the objects.
+Cleanup removes uploads whose lease expired and data that no record or marker owns.
+
+Reads go through a local read-through mirror of each checkpoint: its directory tree,
+each file fetched on first open (see ``_arrays.fetch_missing``), so lazy views read only
+the chunks they touch and one reader, with all its checks, serves both backends.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import crc32c as _crc
+
+from . import _spec as S
+from ._arrays import register_mirror, unregister_mirror
+from ._store import Store
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointExistsError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    MissingDependencyError,
+    StoreUnavailableError,
+)
+
+MAX_RECORD_BYTES = 64 << 20
+"""A commit record larger than this is refused (bounded memory on hostile input)."""
+DEFAULT_UPLOAD_LEASE = 24 * 3600.0
+"""Seconds an upload may take before another manager's cleanup may remove it."""
+_TOKEN_RE = re.compile(r"^[0-9a-f]{24}$")
+_KEY_PART_RE = re.compile(r"^[A-Za-z0-9._%-]+$")
+_URL_RE = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
+
+
+class _Missing(KeyError):
+    """The key is not in the store."""
+
+
+class _Exists(KeyError):
+    """A create-only PUT found the key already there."""
+
+
+def is_url(root: object) -> bool:
+    return isinstance(root, str) and "://" in root
+
+
+def _obstore() -> Any:
+    try:
+        import obstore
+        import obstore.store  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            "s3:// checkpoint stores need obstore: pip install 'computable-flows-shim[s3]'"
+        ) from e
+    return obstore
+
+
+def _iso(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _safe_key(key: object) -> bool:
+    """A relative object key that maps to a file inside the mirror (never ``..``, never absolute)."""
+    return (
+        isinstance(key, str)
+        and 0 < len(key) < 1024
+        and all(p not in (".", "..") and _KEY_PART_RE.match(p) for p in key.split("/"))
+    )
+
+
+def _parse_record(raw: bytes, name: str, where: str) -> dict:
+    """Validate a commit record (spec/FORMAT.md, "Object stores"); refuse anything else."""
+    if len(raw) > MAX_RECORD_BYTES:
+        raise CheckpointFormatError(f"{where}: commit record larger than {MAX_RECORD_BYTES} bytes")
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointCorruptError(f"{where}: unreadable commit record ({e})") from None
+    ok = (
+        isinstance(rec, dict)
+        and rec.get("format") == S.COMMIT_RECORD_FORMAT
+        and rec.get("format_version") == S.COMMIT_RECORD_VERSION
+        and rec.get("checkpoint_id") == name
+        and isinstance(rec.get("token"), str)
+        and _TOKEN_RE.match(rec["token"])
+        and rec.get("data") == f"{name}/{rec['token']}"
+        and isinstance(rec.get("objects"), dict)
+        and "zarr.json" in rec["objects"]
+    )
+    if not ok:
+        raise CheckpointFormatError(f"{where}: not a commit record of checkpoint {name!r}")
+    for key, meta in rec["objects"].items():
+        if not (
+            _safe_key(key)
+            and isinstance(meta, list)
+            and len(meta) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in meta)
+        ):
+            raise CheckpointFormatError(f"{where}: commit record entry {key!r}: {meta!r} is not [size, crc32c]")
+    return rec
+
+
+class ObjectStore(Store):
+    """Checkpoints in an S3 bucket under a prefix: ``ObjectStore("s3://bucket/prefix")``.
+
+    Endpoint, region and credentials come from the standard AWS environment variables
+    (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ...) or from keyword
+    ``options`` passed to obstore (``endpoint=``, ``region=``, ``access_key_id=``,
+    ``client_options=``, ...).  An ``http://`` endpoint (a local test server) is allowed
+    without further options.  ``upload_lease``: seconds after which an unfinished upload
+    counts as abandoned (a save must finish within it).
+    """
+
+    supports_rename = False
+    supports_links = False
+    staging_is_final = False
+
+    def __init__(
+        self, url: str, *, upload_lease: float = DEFAULT_UPLOAD_LEASE, workers: int = 16, **options: Any
+    ) -> None:
+        obs = _obstore()
+        m = _URL_RE.match(url) if isinstance(url, str) else None
+        if m is None:
+            raise ValueError(f"expected an object-store URL 's3://<bucket>/<prefix>', got {url!r}")
+        self.bucket, self.prefix = m.group(1), (m.group(2) or "").strip("/")
+        self.root_url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        client_options = dict(options.pop("client_options", None) or {})
+        env = os.environ
+        endpoint = options.get("endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options.setdefault("endpoint", endpoint)
+            if endpoint.startswith("http://"):
+                client_options.setdefault("allow_http", True)
+        self._obs = obs
+        self._exc = obs.exceptions
+        self._s = obs.store.from_url(self.root_url, client_options=client_options, **options)
+        self.upload_lease = float(upload_lease)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cfs-s3")
+        self._cache = tempfile.mkdtemp(prefix="cfs-s3-")
+        self._parts = os.path.join(self._cache, ".parts")
+        os.mkdir(self._parts)
+        self._mirrors: set[str] = set()
+        self._lock = threading.Lock()
+        weakref.finalize(self, _close, self._cache, self._mirrors, self._pool)
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.root_url!r})"
+
+    # ------------------------------------------------------------ object calls
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One obstore call: a missing key raises _Missing, a failed create-only PUT _Exists,
+        and anything else from the store StoreUnavailableError."""
+        try:
+            return fn(self._s, *args, **kwargs)
+        except (FileNotFoundError, self._exc.NotFoundError):
+            raise _Missing(what) from None
+        except (FileExistsError, self._exc.AlreadyExistsError, self._exc.PreconditionError):
+            raise _Exists(what) from None
+        except Exception as e:
+            if isinstance(e, (self._exc.BaseError, OSError)):
+                raise StoreUnavailableError(f"{self}: {what} failed: {str(e).splitlines()[0]}") from e
+            raise
+
+    def _get(self, key: str) -> bytes:
+        return bytes(self._call(f"GET {key}", self._obs.get, key).bytes())
+
+    def _put(self, key: str, data: bytes, **kw: Any) -> None:
+        self._call(f"PUT {key}", self._obs.put, key, data, **kw)
+
+    def _head(self, key: str) -> bool:
+        try:
+            self._call(f"HEAD {key}", self._obs.head, key)
+        except _Missing:
+            return False
+        return True
+
+    def _list(self, prefix: str) -> list[dict]:
+        out: list[dict] = []
+        for batch in self._call(f"LIST {prefix}", self._obs.list, prefix):
+            out.extend(batch)
+        return out
+
+    def _subdirs(self, prefix: str | None) -> list[str]:
+        res = self._call(f"LIST {prefix or '/'}", self._obs.list_with_delimiter, prefix)
+        return [p.rsplit("/", 1)[-1] if "/" in p else p for p in res["common_prefixes"]]
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            self._call("DELETE", self._obs.delete, keys[i : i + 1000])
+
+    def _delete_prefix(self, prefix: str) -> None:
+        self._delete_keys([o["path"] for o in self._list(prefix)])
+
+    @staticmethod
+    def _record_key(name: str) -> str:
+        return f"{S.COMMITS_PREFIX}/{name}.json"
+
+    @staticmethod
+    def _marker_key(name: str, token: str) -> str:
+        return f"{S.UPLOADS_PREFIX}/{name}/{token}.json"
+
+    def _record(self, name: str) -> dict | None:
+        try:
+            raw = self._get(self._record_key(name))
+        except _Missing:
+            return None
+        return _parse_record(raw, name, f"{self.root_url}/{self._record_key(name)}")
+
+    # ------------------------------------------------------------ the Store contract
+    def names(self) -> list[str]:
+        out = []
+        for o in self._list(S.COMMITS_PREFIX + "/"):
+            rel = o["path"][len(S.COMMITS_PREFIX) + 1 :]
+            if rel.endswith(".json") and S.is_checkpoint_id(rel[: -len(".json")]):
+                out.append(rel[: -len(".json")])
+        return out
+
+    def exists(self, name: str) -> bool:
+        return S.is_checkpoint_id(name) and self._head(self._record_key(name))
+
+    def url(self, name: str) -> str:
+        rec = self._committed(name)
+        return f"{self.root_url}/{rec['data']}"
+
+    def _committed(self, name: str) -> dict:
+        rec = self._record(name) if S.is_checkpoint_id(name) else None
+        if rec is None:
+            raise CheckpointNotFoundError(f"no checkpoint {name!r} in {self}")
+        return rec
+
+    def path(self, name: str) -> str:
+        """The checkpoint's local mirror: its directories now, each file on first open."""
+        rec = self._committed(name)
+        mirror = os.path.join(self._cache, f"{name}.{rec['token']}")
+        with self._lock:
+            if mirror not in self._mirrors:
+                os.makedirs(mirror, exist_ok=True)
+                for key in rec["objects"]:
+                    os.makedirs(os.path.dirname(os.path.join(mirror, key)), exist_ok=True)
+                register_mirror(mirror, partial(self._fetch, rec, mirror))
+                self._mirrors.add(mirror)
+        return mirror
+
+    def _fetch(self, rec: dict, mirror: str, rel: str) -> bool:
+        meta = rec["objects"].get(rel)
+        if meta is None:
+            return False  # not part of the checkpoint: missing, as in a directory store
+        where = f"{self.root_url}/{rec['data']}/{rel}"
+        try:
+            data = self._get(f"{rec['data']}/{rel}")
+        except _Missing:
+            raise CheckpointNotFoundError(
+                f"checkpoint {rec['checkpoint_id']!r} was deleted while being read ({where} is gone)"
+            ) from None
+        if len(data) != meta[0] or _crc.crc32c(data) != meta[1]:
+            raise CheckpointCorruptError(
+                f"{where}: object does not match the commit record ({len(data)} bytes, CRC32C "
+                f"{_crc.crc32c(data):#010x}; recorded {meta[0]} bytes, {meta[1]:#010x})"
+            )
+        part = os.path.join(self._parts, secrets.token_hex(8))
+        with open(part, "wb") as f:
+            f.write(data)
+        os.replace(part, os.path.join(mirror, rel))
+        return True
+
+    def materialize(self, name: str) -> str:
+        mirror = self.path(name)
+        rec = self._committed(name)
+        missing = [k for k in rec["objects"] if not os.path.exists(os.path.join(mirror, k))]
+        futures = [self._pool.submit(self._fetch, rec, mirror, k) for k in missing]
+        for f in futures:
+            f.result()
+        return mirror
+
+    @contextmanager
+    def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, Callable[[], None]]]:  # type: ignore[override]
+        """Yield ``(local dir, commit)``: ``commit()`` uploads the directory and writes the record."""
+        token = secrets.token_hex(12)
+        tmp = os.path.join(self._cache, ".staging", f"{name}.{token}")
+        os.makedirs(tmp)
+        try:
+            yield tmp, partial(self._commit, name, token, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _commit(self, name: str, token: str, tmp: str) -> None:
+        if self.exists(name):
+            raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self}")
+        data, marker, now = f"{name}/{token}", self._marker_key(name, token), time.time()
+        body = {
+            "checkpoint_id": name,
+            "token": token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": _iso(now),
+            "expires_at": _iso(now + self.upload_lease),
+            "expires_at_unix": now + self.upload_lease,
+        }
+        self._put(marker, json.dumps(body).encode())
+        try:
+            objects = self._upload_files(tmp, data)
+            record = {
+                "format": S.COMMIT_RECORD_FORMAT,
+                "format_version": S.COMMIT_RECORD_VERSION,
+                "checkpoint_id": name,
+                "token": token,
+                "data": data,
+                "committed_at": _iso(time.time()),
+                "objects": objects,
+            }
+            if not self._head(marker):
+                raise CheckpointWriteError(
+                    f"saving checkpoint {name!r}: the upload outlived its lease ({self.upload_lease:g} s) and "
+                    "another manager's cleanup removed it; nothing was committed"
+                )
+            self._put_record(name, token, json.dumps(record, separators=(",", ":")).encode())
+        except BaseException:
+            try:
+                self._delete_prefix(data + "/")
+                self._delete_keys([marker])
+            except Exception:
+                pass  # left to cleanup_stale: the marker's lease says when
+            raise
+        try:
+            self._delete_keys([marker])
+        except Exception:
+            pass  # a marker of a committed upload is harmless; cleanup removes it
+
+    def _upload_files(self, tmp: str, data: str) -> dict[str, list[int]]:
+        """PUT every file under ``tmp`` (in parallel; the root zarr.json last) and return
+        ``{key: [size, crc32c]}``."""
+        keys = []
+        for base, _dirs, files in os.walk(tmp):
+            rel = os.path.relpath(base, tmp)
+            keys += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files]
+
+        def put(key: str) -> tuple[str, list[int]]:
+            with open(os.path.join(tmp, key), "rb") as f:
+                b = f.read()
+            self._put(f"{data}/{key}", b)
+            return key, [len(b), _crc.crc32c(b)]
+
+        futures = [self._pool.submit(put, k) for k in sorted(keys) if k != "zarr.json"]
+        wait(futures)  # all finished (or failed) before any cleanup deletes the prefix
+        objects = dict(f.result() for f in futures)
+        key, meta = put("zarr.json")
+        objects[key] = meta
+        return objects
+
+    def _put_record(self, name: str, token: str, body: bytes) -> None:
+        try:
+            self._put(self._record_key(name), body, mode="create")
+        except _Exists:
+            raise CheckpointExistsError(
+                f"checkpoint {name!r} already exists in {self} (committed by another writer)"
+            ) from None
+        except StoreUnavailableError:
+            # the PUT may have landed before the error: then this writer committed
+            rec = self._record(name)
+            if rec is None or rec["token"] != token:
+                raise
+
+    def delete(self, name: str) -> bool:
+        rec = self._record(name) if S.is_checkpoint_id(name) else None
+        if rec is None:
+            return False
+        self._delete_keys([self._record_key(name)])  # the checkpoint is gone from here on
+        self._delete_prefix(rec["data"] + "/")
+        mirror = os.path.join(self._cache, f"{name}.{rec['token']}")
+        with self._lock:
+            self._mirrors.discard(mirror)
+            unregister_mirror(mirror)
+        shutil.rmtree(mirror, ignore_errors=True)
+        return True
+
+    def cleanup_stale(self) -> int:
+        """Remove uploads whose lease expired without a commit, and data no record or
+        marker owns (a delete interrupted after its record went); returns how many."""
+        now, removed = time.time(), 0
+        tops = [n for n in self._subdirs(None) if S.is_checkpoint_id(n)]
+        committed = set(self.names())
+        for o in self._list(S.UPLOADS_PREFIX + "/"):
+            parts = o["path"].split("/")
+            if len(parts) != 3 or not parts[2].endswith(".json"):
+                continue
+            name, token = parts[1], parts[2][: -len(".json")]
+            try:
+                expires = float(json.loads(self._get(o["path"]))["expires_at_unix"])
+            except _Missing:
+                continue  # finished meanwhile
+            except (ValueError, KeyError, TypeError):
+                expires = o["last_modified"].timestamp() + DEFAULT_UPLOAD_LEASE
+            if expires > now:
+                continue  # a live upload
+            rec = self._record(name) if name in committed and S.is_checkpoint_id(name) else None
+            if rec is None or rec["token"] != token:
+                self._delete_prefix(f"{name}/{token}/")
+                removed += 1
+            self._delete_keys([o["path"]])
+        for name in tops:
+            if name in committed:
+                continue
+            for token in self._subdirs(name):
+                # the marker of an upload precedes its first object: none now means none ever will be
+                if self._head(self._marker_key(name, token)):
+                    continue
+                rec = self._record(name)
+                if rec is not None and rec["token"] == token:
+                    continue
+                self._delete_prefix(f"{name}/{token}/")
+                removed += 1
+        return removed
+
+    def tag_index(self, durable: bool = True) -> ObjectTagIndex:
+        return ObjectTagIndex(self)
+
+
+class ObjectTagIndex:
+    """Tags in an object store: ``.cfs-tags/<checkpoint_id>/<tag>`` empty objects (the
+    layout of the directory store's tags; spec/FORMAT.md, "Tags")."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.s = store
+
+    def _key(self, checkpoint_id: str, tag: str = "") -> str:
+        return f"{S.TAGS_DIR}/{checkpoint_id}/{tag}"
+
+    def add(self, checkpoint_id: str, tag: str) -> bool:
+        S.validate_tag(tag)
+        try:
+            self.s._put(self._key(checkpoint_id, tag), b"", mode="create")
+        except _Exists:
+            return False
+        return True
+
+    def remove(self, checkpoint_id: str, tag: str) -> bool:
+        S.validate_tag(tag)
+        if not self.s._head(self._key(checkpoint_id, tag)):
+            return False
+        self.s._delete_keys([self._key(checkpoint_id, tag)])
+        return True
+
+    def of(self, checkpoint_id: str) -> frozenset[str]:
+        return frozenset(
+            o["path"].rsplit("/", 1)[-1] for o in self.s._list(self._key(checkpoint_id)) if _valid_tag(o["path"])
+        )
+
+    def all(self) -> dict[str, frozenset[str]]:
+        out: dict[str, set[str]] = {}
+        for o in self.s._list(S.TAGS_DIR + "/"):
+            parts = o["path"].split("/")
+            if len(parts) == 3 and S.is_checkpoint_id(parts[1]) and _valid_tag(parts[2]):
+                out.setdefault(parts[1], set()).add(parts[2])
+        return {k: frozenset(v) for k, v in out.items()}
+
+    def drop(self, checkpoint_id: str) -> None:
+        self.s._delete_prefix(self._key(checkpoint_id))
+
+
+def _valid_tag(path: str) -> bool:
+    try:
+        S.validate_tag(path.rsplit("/", 1)[-1])
+    except ValueError:
+        return False
+    return True
+
+
+def _close(cache: str, mirrors: set[str], pool: ThreadPoolExecutor) -> None:
+    for m in list(mirrors):
+        unregister_mirror(m)
+    pool.shutdown(wait=False)
+    shutil.rmtree(cache, ignore_errors=True)
