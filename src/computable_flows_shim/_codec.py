@@ -10,6 +10,7 @@ checking everything and naming the leaf and chunk of any damage.  Committing
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from ._arrays import (
     read_json,
     read_json_raw,
     slab_chunk_shape,
+    store_chunk,
     write_chunk,
     write_file,
 )
@@ -61,6 +63,7 @@ from .errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointTooLargeError,
+    CheckpointWriteError,
     TargetMismatchError,
 )
 
@@ -182,9 +185,78 @@ the root's checksums without reading the root again."""
 
 
 @dataclass
+class ShardedData:
+    """A sharded ``jax.Array`` leaf, never gathered: the blocks this process writes (its
+    addressable shards with ``replica_id == 0``), each ``(index, data)`` with ``index`` the
+    block's region of the global array and ``data`` the shard's single-device array
+    (copied to host, that shard alone, when written) or its host snapshot."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    block_shape: tuple[int, ...]
+    blocks: list[tuple[tuple[slice, ...], Any]]
+
+    @classmethod
+    def of(cls, x: jax.Array) -> ShardedData:
+        shape = tuple(x.shape)
+        blocks = []
+        for shard in x.addressable_shards:
+            if shard.replica_id == 0:
+                index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(shard.index, shape))
+                blocks.append((index, shard.data))
+        return cls(shape, np.dtype(x.dtype), tuple(x.sharding.shard_shape(x.shape)), blocks)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks this process writes."""
+        return sum(math.prod(s.stop - s.start for s in index) for index, _ in self.blocks) * self.itemsize
+
+    def snapshot(self) -> ShardedData:
+        """The same blocks copied to host memory (an async save's snapshot): shard by shard."""
+        copies = _run_batched(
+            [partial(np.array, d, copy=True) for _, d in self.blocks],
+            [math.prod(s.stop - s.start for s in i) * self.itemsize for i, _ in self.blocks],
+        )
+        return ShardedData(self.shape, self.dtype, self.block_shape, [(i, c) for (i, _), c in zip(self.blocks, copies)])
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit`` (at least 1)."""
+    best, d = 1, 1
+    while d * d <= n:
+        if n % d == 0:
+            for c in (d, n // d):
+                if best < c <= limit:
+                    best = c
+        d += 1
+    return best
+
+
+def shard_chunk_shape(
+    shape: tuple[int, ...], block: tuple[int, ...], itemsize: int, target: int = TARGET_CHUNK_BYTES
+) -> tuple[int, ...]:
+    """The chunk shape of a sharded array: its shard block, subdivided along the leading
+    axes (by divisors, so chunks nest in shards) while a chunk exceeds ``target`` bytes.
+    A block that is the whole array (replicated) gets the usual slab chunks."""
+    if tuple(block) == tuple(shape):
+        return slab_chunk_shape(shape, itemsize, target)
+    chunk = [max(1, b) for b in block]
+    for i in range(len(chunk)):
+        if math.prod(chunk) * itemsize <= target:
+            break
+        rest = math.prod(chunk[i + 1 :]) * itemsize
+        chunk[i] = _largest_divisor(chunk[i], max(1, target // rest))
+    return tuple(chunk)
+
+
+@dataclass
 class _Array:
     path: str  # relative to the checkpoint root, '/'-separated
-    data: np.ndarray
+    data: np.ndarray | ShardedData
     layout: Layout
     dims: list[str]
     attrs: dict
@@ -193,11 +265,16 @@ class _Array:
 def _state_arrays(leaves: list[Leaf]) -> list[_Array]:
     out = []
     for leaf in leaves:
-        a = np.require(leaf.array, requirements="C")
         attrs = {S.AA_KEY_IMPL: leaf.key_impl} if leaf.key_impl else {}
-        layout = Layout(a.shape, a.dtype, slab_chunk_shape(a.shape, a.itemsize))
+        a: np.ndarray | ShardedData
+        if isinstance(leaf.array, jax.Array):  # sharded: chunk grid = shard blocks, written shard by shard
+            a = ShardedData.of(leaf.array)
+            layout = Layout(a.shape, a.dtype, shard_chunk_shape(a.shape, a.block_shape, a.itemsize))
+        else:
+            a = np.require(leaf.array, requirements="C")
+            layout = Layout(a.shape, a.dtype, slab_chunk_shape(a.shape, a.itemsize))
         out.append(
-            _Array(f"{S.STATE_GROUP}/{leaf.path}", a, layout, [f"{leaf.path}.d{i}" for i in range(a.ndim)], attrs)
+            _Array(f"{S.STATE_GROUP}/{leaf.path}", a, layout, [f"{leaf.path}.d{i}" for i in range(len(a.shape))], attrs)
         )
     return out
 
@@ -228,10 +305,14 @@ class Prepared:
         attrs = {**attrs, S.A_TELEMETRY_SUMMARY: T.summarize(cols, events, attrs[S.A_ITERATION]), S.A_TREE: tree}
         arrays = _state_arrays(leaves) + _telemetry_arrays(cols, events)
         if copy:  # the snapshot of an async save: numpy copies release the GIL, so copy in parallel
-            sizes = [a.data.nbytes for a in arrays]
-            copies = _run_batched([partial(np.array, a.data, copy=True) for a in arrays], sizes)
-            for a, c in zip(arrays, copies):
+            plain = [a for a in arrays if not isinstance(a.data, ShardedData)]
+            sizes = [a.data.nbytes for a in plain]
+            copies = _run_batched([partial(np.array, a.data, copy=True) for a in plain], sizes)
+            for a, c in zip(plain, copies):
                 a.data = c
+            for a in arrays:
+                if isinstance(a.data, ShardedData):
+                    a.data = a.data.snapshot()
         return cls(attrs, arrays)
 
 
@@ -268,43 +349,112 @@ def _base_chunks(base_dir: str | None, arr: _Array) -> list[tuple[str, int] | No
     return [base.get(c) for c in arr.layout.coords()]
 
 
-def write_group(dirpath: str, prepared: Prepared, durable: bool = True, base_dir: str | None = None) -> WriteStats:
-    """Write a whole checkpoint into the empty directory ``dirpath``.
-
-    ``base_dir`` is an earlier checkpoint of the same run: chunks identical to its
-    chunks are hard-linked rather than written (see :func:`write_chunk`)."""
-    attrs, arrays = prepared.attrs, prepared.arrays
+def _groups(arrays: list[_Array]) -> set[str]:
     groups = {"", S.STATE_GROUP, S.TELEMETRY_GROUP}
     for arr in arrays:
         parts = arr.path.split("/")
         groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    for g in sorted(groups, key=lambda p: p.count("/")):
+    return groups
+
+
+def make_dirs(dirpath: str, prepared: Prepared) -> None:
+    """Create every group and array directory of the checkpoint in the empty ``dirpath``."""
+    for g in sorted(_groups(prepared.arrays), key=lambda p: p.count("/")):
         if g:
             os.mkdir(os.path.join(dirpath, *g.split("/")))
-    _run_batched([partial(os.mkdir, os.path.join(dirpath, *a.path.split("/"))) for a in arrays])
+    _run_batched([partial(os.mkdir, os.path.join(dirpath, *a.path.split("/"))) for a in prepared.arrays])
 
-    chunk_tasks: list[Callable[[], Any]] = []
+
+def _write_block(
+    arr: _Array, index: tuple[slice, ...], data: Any, adir: str, durable: bool, bases: dict
+) -> list[tuple[tuple[int, ...], int, int]]:
+    """Write the chunks of one shard block (chunks nest in blocks) from that shard alone,
+    copied to host here; returns ``(coords, crc32c, bytes written)`` per chunk."""
+    host = np.asarray(data)  # this shard only, never the global array
+    layout = arr.layout
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, layout.chunk_shape)]
+    out = []
+    for coords in itertools.product(*ranges):
+        region = layout.region(coords)
+        part = host[tuple(slice(r.start - s.start, r.stop - s.start) for r, s in zip(region, index))]
+        if part.shape != layout.chunk_shape:  # an edge chunk: Zarr stores it at full chunk shape
+            full = np.zeros(layout.chunk_shape, dtype=host.dtype)
+            full[tuple(slice(0, n) for n in part.shape)] = part
+            part = full
+        buf = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+        crc, n = store_chunk([buf.data], os.path.join(adir, layout.key(coords)), durable, bases.get(coords))
+        out.append((coords, crc, n))
+    return out
+
+
+def _write_one(
+    data: np.ndarray, layout: Layout, coords: tuple[int, ...], adir: str, durable: bool, base: tuple[str, int] | None
+) -> list[tuple[tuple[int, ...], int, int]]:
+    return [(coords, *write_chunk(data, layout, coords, adir, durable, base))]
+
+
+def write_chunks(
+    dirpath: str,
+    prepared: Prepared,
+    durable: bool = True,
+    base_dir: str | None = None,
+    sharded_only: bool = False,
+) -> tuple[dict[str, dict[int, int]], WriteStats]:
+    """Write the chunk files this process owns into ``dirpath`` (after :func:`make_dirs`):
+    every chunk of a plain array, and the chunks of a sharded array's blocks this process
+    holds (``sharded_only``: those alone, for the non-zero processes of a multi-process save).
+    Returns the CRC32C of each written chunk, by array path and C-order chunk index."""
+    tasks: list[Callable[[], Any]] = []
     weights: list[int] = []
     owners: list[_Array] = []
-    for arr in arrays:
+    for arr in prepared.arrays:
+        sharded = isinstance(arr.data, ShardedData)
+        if sharded_only and not sharded:
+            continue
         adir = os.path.join(dirpath, *arr.path.split("/"))
         bases = _base_chunks(base_dir, arr)
         size = math.prod(arr.layout.chunk_shape) * (arr.data.itemsize if arr.layout.dtype is not None else 16)
+        if isinstance(arr.data, ShardedData):
+            by_coords = dict(zip(arr.layout.coords(), bases))
+            for index, data in arr.data.blocks:
+                tasks.append(partial(_write_block, arr, index, data, adir, durable, by_coords))
+                weights.append(math.prod(s.stop - s.start for s in index) * arr.data.itemsize)
+                owners.append(arr)
+            continue
         for coords, base in zip(arr.layout.coords(), bases):
-            chunk_tasks.append(partial(write_chunk, arr.data, arr.layout, coords, adir, durable, base))
+            tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base))
             weights.append(size)
             owners.append(arr)
-    results = _run_batched(chunk_tasks, weights)
+    results = _run_batched(tasks, weights)
     stats = WriteStats()
-    by_array: dict[int, list[int]] = {id(a): [] for a in arrays}
-    for arr, (crc, n), w in zip(owners, results, weights):
-        by_array[id(arr)].append(crc)
-        stats.bytes_written += n
-        stats.chunks_written += n > 0
-        stats.chunks_linked += n == 0
-        stats.bytes_linked += w if n == 0 else 0
+    crcs: dict[str, dict[int, int]] = {a.path: {} for a in owners}
+    for arr, written in zip(owners, results):
+        csize = math.prod(arr.layout.chunk_shape) * (arr.data.itemsize if arr.layout.dtype is not None else 16)
+        for coords, crc, n in written:
+            crcs[arr.path][int(np.ravel_multi_index(coords, arr.layout.grid)) if coords else 0] = crc
+            stats.bytes_written += n
+            stats.chunks_written += n > 0
+            stats.chunks_linked += n == 0
+            stats.bytes_linked += csize if n == 0 else 0
+    return crcs, stats
 
-    metas = {a.path: array_metadata(a.layout, a.dims, {**a.attrs, S.AA_CRC32C: by_array[id(a)]}) for a in arrays}
+
+def write_metadata(dirpath: str, prepared: Prepared, crcs: dict[str, dict[int, int]], durable: bool = True) -> None:
+    """Write every zarr.json (the root last), given every chunk's CRC32C, and fsync the
+    directories.  Raises CheckpointWriteError if a chunk has no CRC (nobody wrote it)."""
+    attrs, arrays = prepared.attrs, prepared.arrays
+    groups = _groups(arrays)
+    manifests: dict[str, list[int]] = {}
+    for a in arrays:
+        got = crcs.get(a.path, {})
+        missing = [i for i in range(a.layout.nchunks) if i not in got]
+        if missing:
+            raise CheckpointWriteError(
+                f"{a.path}: {len(missing)} of {a.layout.nchunks} chunks were not written (first: {missing[0]})"
+            )
+        manifests[a.path] = [got[i] for i in range(a.layout.nchunks)]
+
+    metas = {a.path: array_metadata(a.layout, a.dims, {**a.attrs, S.AA_CRC32C: manifests[a.path]}) for a in arrays}
 
     def consolidated(prefix: str) -> dict | None:
         """zarr-python's inline consolidated metadata of everything under ``prefix``.
@@ -327,14 +477,24 @@ def write_group(dirpath: str, prepared: Prepared, durable: bool = True, base_dir
     for g in groups - {""}:
         docs[g] = group_metadata({}, consolidated(g) if g in (S.STATE_GROUP, S.TELEMETRY_GROUP) else None)
     raw = {p: _dump(d) for p, d in docs.items()}
-    crcs = {f"{p}/zarr.json": _crc32c(b) for p, b in raw.items()}
-    raw[""] = root_bytes({**attrs, S.A_METADATA_CRCS: crcs}, consolidated(""))
+    meta_crcs = {f"{p}/zarr.json": _crc32c(b) for p, b in raw.items()}
+    raw[""] = root_bytes({**attrs, S.A_METADATA_CRCS: meta_crcs}, consolidated(""))
     _run_batched(
         [partial(write_file, os.path.join(dirpath, *p.split("/"), "zarr.json"), [b], durable) for p, b in raw.items()]
     )
     if durable:
         dirs = sorted(groups | {a.path for a in arrays}, key=lambda p: p.count("/"))
         _run_batched([partial(_fsync_dir, os.path.join(dirpath, *d.split("/"))) for d in dirs])
+
+
+def write_group(dirpath: str, prepared: Prepared, durable: bool = True, base_dir: str | None = None) -> WriteStats:
+    """Write a whole checkpoint into the empty directory ``dirpath``.
+
+    ``base_dir`` is an earlier checkpoint of the same run: chunks identical to its
+    chunks are hard-linked rather than written (see :func:`write_chunk`)."""
+    make_dirs(dirpath, prepared)
+    crcs, stats = write_chunks(dirpath, prepared, durable, base_dir)
+    write_metadata(dirpath, prepared, crcs, durable)
     return stats
 
 

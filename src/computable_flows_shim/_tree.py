@@ -35,7 +35,7 @@ class Leaf:
 
     keypath: KeyPath
     path: str
-    array: np.ndarray
+    array: np.ndarray | jax.Array  # a jax.Array only when sharded (see is_sharded)
     key_impl: str | None = None
 
 
@@ -99,12 +99,25 @@ KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 """PRNG implementations the format names (spec/FORMAT.md, "Arrays")."""
 
 
-def _leaf_array(x: Any, kp: KeyPath) -> tuple[np.ndarray, str | None]:
+def is_sharded(x: Any) -> bool:
+    """A ``jax.Array`` spread over several devices or processes: saved shard by shard
+    (spec/FORMAT.md, "Arrays"), never gathered into one host array."""
+    return isinstance(x, jax.Array) and (not x.is_fully_addressable or len(x.addressable_shards) > 1)
+
+
+def _leaf_array(x: Any, kp: KeyPath) -> tuple[np.ndarray | jax.Array, str | None]:
     if _is_prng_key(x):
         impl = str(jax.random.key_impl(x))
         if impl not in KEY_IMPLS:
             raise UnsupportedLeafError(f"{keystr(kp)}: PRNG key implementation {impl!r} is not one of {KEY_IMPLS}")
-        return np.asarray(jax.random.key_data(x)), impl
+        data = jax.random.key_data(x)
+        return (data if is_sharded(data) else np.asarray(data)), impl
+    if is_sharded(x):  # kept as it is: written shard by shard (_codec.ShardedData)
+        if zarr_name(np.dtype(x.dtype)) is None:
+            raise UnsupportedLeafError(
+                f"{keystr(kp)}: unsupported dtype {x.dtype} (expected a numeric, bool, complex or ML float dtype)"
+            )
+        return x, None
     a = np.asarray(x)
     if zarr_name(a.dtype) is None:
         raise UnsupportedLeafError(
