@@ -17,3 +17,20 @@ def mgr(tmp_path):
     from computable_flows_shim import CheckpointManager
 
     return CheckpointManager(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto_server) on loopback, shared by the session."""
+    from s3server import S3Server
+
+    with S3Server() as srv:
+        yield srv
+
+
+@pytest.fixture
+def s3_url(s3_server, monkeypatch):
+    """``s3://<fresh bucket>/ckpt`` with the standard AWS variables pointing at the server."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    return f"s3://{s3_server.new_bucket()}/ckpt"
