@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from . import _cli_analysis, _cli_lifecycle
+from ._repr import store_location
 
 DEFAULT_STORE = os.environ.get("CFS_STORE", "runs")
 
@@ -42,7 +43,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
         return 0
     if not infos:
-        print(f"no checkpoints in {os.path.abspath(args.root)}")
+        print(f"no checkpoints in {store_location(args.root)}")
         return 0
     print(f"{'checkpoint':<40} {'run':<20} {'iteration':>10}  {'final E':>12}  created (UTC)")
     for i in infos:
@@ -141,7 +142,7 @@ def _progress(args: argparse.Namespace, total: int, start: int):
 
 
 def _report(args: argparse.Namespace, result) -> int:
-    store = os.path.abspath(args.root)
+    store = store_location(args.root)
     if result.status == "interrupted":
         import signal
 
@@ -199,7 +200,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     mgr = _manager(args)
     cid = args.target if is_checkpoint_id(args.target) else mgr.get_latest_checkpoint(args.target)
     if cid is None:
-        print(f"cfs: error: no checkpoints of run {args.target!r} in {os.path.abspath(args.root)}", file=sys.stderr)
+        print(f"cfs: error: no checkpoints of run {args.target!r} in {store_location(args.root)}", file=sys.stderr)
         return 2
     info = mgr.open_checkpoint(cid)
     end = args.iters if args.iters is not None else int(info.metadata.get("target_iters", info.iteration))
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--root",
         dest="root",
         default=DEFAULT_STORE,
-        help="checkpoint store directory (default: $CFS_STORE or ./runs)",
+        help="checkpoint store: a directory or s3://bucket/prefix (default: $CFS_STORE or ./runs)",
     )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("run", help="run a built-in example flow with periodic checkpoints")

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-from ._repr import human_bytes
+from ._repr import human_bytes, store_location
 
 
 def _manager(args: argparse.Namespace):
@@ -88,7 +87,7 @@ def cmd_tree(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in runs], indent=2, default=str))
     elif not runs:
-        print(f"no checkpoints in {os.path.abspath(args.root)}")
+        print(f"no checkpoints in {store_location(args.root)}")
     else:
         print(format_run_tree(runs))
     return 0

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-from ._repr import human_bytes
+from ._repr import human_bytes, store_location
 
 
 def bar(args: argparse.Namespace, total: int, *, unit: str = "checkpoint", nbytes: bool = False, desc: str = ""):
@@ -163,7 +162,7 @@ def cmd_du(args: argparse.Namespace) -> int:
         _print_json(out)
         return 0
     print(
-        f"{os.path.abspath(args.root)}: {len(usage.checkpoints)} checkpoint(s) in {len(usage.runs)} run(s), "
+        f"{store_location(args.root)}: {len(usage.checkpoints)} checkpoint(s) in {len(usage.runs)} run(s), "
         f"{human_bytes(usage.total_bytes)} (hard-linked files counted once)"
     )
     print(f"{'run':<32} {'checkpoints':>11} {'bytes':>11} {'exclusive':>11} {'shared':>11}")

@@ -391,3 +391,8 @@ def diff_html(diff: CheckpointDiff) -> str:
 
 
 __all__ = ["view_html", "view_text", "run_html", "run_text", "store_html", "store_text", "diff_html", "diff_text"]
+
+
+def store_location(root: str) -> str:
+    """A store as the CLI shows it: a URL as given, a directory made absolute."""
+    return root if "://" in str(root) else os.path.abspath(root)

@@ -157,6 +157,7 @@ class ObjectStore(Store):
             raise ValueError(f"expected an object-store URL 's3://<bucket>/<prefix>', got {url!r}")
         self.bucket, self.prefix = m.group(1), (m.group(2) or "").strip("/")
         self.root_url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.root = self.root_url
         client_options = dict(options.pop("client_options", None) or {})
         env = os.environ
         endpoint = options.get("endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
@@ -443,6 +444,13 @@ class ObjectStore(Store):
                 self._delete_prefix(f"{name}/{token}/")
                 removed += 1
         return removed
+
+    def files(self, name: str) -> list[tuple[tuple, int, int]]:
+        """Objects are never shared (no links in an object store): sizes from the record."""
+        rec = self._record(name) if S.is_checkpoint_id(name) else None
+        if rec is None:
+            return []
+        return [((rec["data"], k), size, 1) for k, (size, _crc32c) in rec["objects"].items()]
 
     def tag_index(self, durable: bool = True) -> ObjectTagIndex:
         return ObjectTagIndex(self)

@@ -55,6 +55,20 @@ class Store(abc.ABC):
         over all files: verify, rollback)."""
         return self.path(name)
 
+    def files(self, name: str) -> list[tuple[tuple, int, int]]:
+        """``(identity, size, links)`` of every file of a committed entry: files with one
+        identity are one file (hard links), counted once by disk usage (``_usage.py``).
+        A checkpoint deleted meanwhile yields nothing."""
+        out = []
+        for base, _dirs, names in os.walk(self.path(name)):
+            for f in names:
+                try:
+                    st = os.lstat(os.path.join(base, f))
+                except FileNotFoundError:
+                    continue
+                out.append(((st.st_dev, st.st_ino), st.st_size, st.st_nlink))
+        return out
+
     def tag_index(self, durable: bool = True) -> Any:
         """The store's tags (a ``TagIndex``-like object: add/remove/of/all/drop)."""
         from ._tags import TagIndex

@@ -16,7 +16,6 @@ Sizes are file sizes (``st_size``), not allocated blocks; directories are not co
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from . import _spec as S
 from ._store import Store
 from ._types import CheckpointId, RunId, Step
 
-_Inode = tuple[int, int]
+_Inode = tuple
 
 
 @dataclass(frozen=True)
@@ -118,16 +117,10 @@ def disk_usage(store: Store, run_id: RunId | None = None) -> DiskUsage:
     per_ckpt: dict[CheckpointId, set[_Inode]] = {}
     for _run, _it, cid in found:
         inodes = per_ckpt[cid] = set()
-        for base, _dirs, names in os.walk(store.path(cid)):  # a checkpoint deleted meanwhile yields nothing
-            for f in names:
-                try:
-                    st = os.lstat(os.path.join(base, f))
-                except FileNotFoundError:
-                    continue
-                key = (st.st_dev, st.st_ino)
-                entry = files.setdefault(key, (st.st_size, st.st_nlink, Counter()))
-                entry[2][cid] += 1
-                inodes.add(key)
+        for key, size, nlink in store.files(cid):
+            entry = files.setdefault(key, (size, nlink, Counter()))
+            entry[2][cid] += 1
+            inodes.add(key)
 
     def exclusive(inodes: set[_Inode], ids: set[CheckpointId]) -> int:
         return sum(files[k][0] for k in inodes if sum(n for c, n in files[k][2].items() if c in ids) >= files[k][1])
