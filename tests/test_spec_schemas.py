@@ -58,3 +58,26 @@ def test_schema_refuses_bad_attrs(mgr, mutate):
     mutate(attrs)
     with pytest.raises(jsonschema.ValidationError):
         schema("checkpoint-attrs.schema.json").validate(attrs)
+
+
+def test_commit_records_validate(s3_url):
+    """The commit record an object-store save writes (spec/FORMAT.md 3.2) matches its schema,
+    and the schema refuses records a reader must refuse."""
+    from computable_flows_shim import CheckpointManager
+
+    mgr = CheckpointManager(s3_url)
+    cid = mgr.create_checkpoint("r", 1, {"x": np.arange(5.0), "t": {"y": np.ones(3, np.float32)}})
+    rb = mgr.rollback_to_checkpoint(cid, "b")
+    v = schema("commit-record.schema.json")
+    for c in (cid, rb):
+        rec = json.loads(mgr.store._get(f".cfs-commits/{c}.json"))
+        v.validate(rec)
+        assert rec["data"] == f"{c}/{rec['token']}" and "state/x/c.0" in rec["objects"]
+        bad = [
+            {**rec, "objects": {**rec["objects"], "../x": [1, 2]}},
+            {**rec, "objects": {**rec["objects"], "state/x/c.0": [1, 1 << 33]}},
+            {**rec, "token": "XYZ"},
+            {k: x for k, x in rec.items() if k != "objects"},
+        ]
+        for b in bad:
+            assert not v.is_valid(b), b
