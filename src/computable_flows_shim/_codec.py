@@ -195,6 +195,7 @@ class ShardedData:
     dtype: np.dtype
     block_shape: tuple[int, ...]
     blocks: list[tuple[tuple[slice, ...], Any]]
+    is_global: bool = False  # spans several processes (not fully addressable)
 
     @classmethod
     def of(cls, x: jax.Array) -> ShardedData:
@@ -204,7 +205,7 @@ class ShardedData:
             if shard.replica_id == 0:
                 index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(shard.index, shape))
                 blocks.append((index, shard.data))
-        return cls(shape, np.dtype(x.dtype), tuple(x.sharding.shard_shape(x.shape)), blocks)
+        return cls(shape, np.dtype(x.dtype), tuple(x.sharding.shard_shape(x.shape)), blocks, not x.is_fully_addressable)
 
     @property
     def itemsize(self) -> int:
@@ -221,7 +222,8 @@ class ShardedData:
             [partial(np.array, d, copy=True) for _, d in self.blocks],
             [math.prod(s.stop - s.start for s in i) * self.itemsize for i, _ in self.blocks],
         )
-        return ShardedData(self.shape, self.dtype, self.block_shape, [(i, c) for (i, _), c in zip(self.blocks, copies)])
+        blocks = [(i, c) for (i, _), c in zip(self.blocks, copies)]
+        return ShardedData(self.shape, self.dtype, self.block_shape, blocks, self.is_global)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -398,18 +400,18 @@ def write_chunks(
     prepared: Prepared,
     durable: bool = True,
     base_dir: str | None = None,
-    sharded_only: bool = False,
+    global_only: bool = False,
 ) -> tuple[dict[str, dict[int, int]], WriteStats]:
     """Write the chunk files this process owns into ``dirpath`` (after :func:`make_dirs`):
     every chunk of a plain array, and the chunks of a sharded array's blocks this process
-    holds (``sharded_only``: those alone, for the non-zero processes of a multi-process save).
+    holds (``global_only``: only the blocks of global arrays, those spanning processes, for the
+    non-zero processes of a multi-process save: process 0 writes everything else).
     Returns the CRC32C of each written chunk, by array path and C-order chunk index."""
     tasks: list[Callable[[], Any]] = []
     weights: list[int] = []
     owners: list[_Array] = []
     for arr in prepared.arrays:
-        sharded = isinstance(arr.data, ShardedData)
-        if sharded_only and not sharded:
+        if global_only and not (isinstance(arr.data, ShardedData) and arr.data.is_global):
             continue
         adir = os.path.join(dirpath, *arr.path.split("/"))
         bases = _base_chunks(base_dir, arr)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from . import _codec, _retention, _usage
+from . import _codec, _distributed, _retention, _usage
 from . import _spec as S
 from ._jsonattrs import to_json
 from ._retention import RetentionPolicy, RetentionReport
@@ -186,6 +186,7 @@ class CheckpointManager:
         metadata: dict | None = None,
         *,
         blocking: bool = True,
+        distributed_timeout: float = _distributed.DEFAULT_TIMEOUT,
     ) -> CheckpointId:
         """Save ``state`` (any pytree) and its context as a new, committed checkpoint.
 
@@ -203,10 +204,21 @@ class CheckpointManager:
 
         With a manager ``retention`` policy, the run is cleaned up after the commit
         (see :meth:`apply_retention`; an error there is raised, the checkpoint stays).
+
+        With several JAX processes (``jax.distributed.initialize``), every process calls
+        it with the same arguments; each writes its own shards into one staging directory
+        and process 0 commits once, after all have written (always blocking; README,
+        "Multi-process saves").  ``distributed_timeout`` bounds, in seconds, each wait for
+        the other processes; past it, or when one fails, nothing is committed and the
+        others raise DistributedSaveError.
         """
         self.wait_until_finished()
         cid = S.make_checkpoint_id(run_id, iteration)
         attrs = self._base_attrs(cid, run_id, iteration, flow_config, certificates, metadata, lineage={})
+        # --- multi-process save (issue 7): every process writes its shards, process 0 commits
+        if _distributed.active():
+            return _distributed.save(self, run_id, cid, attrs, state, telemetry_history, distributed_timeout)
+        # ---
         if self.store.exists(cid):
             raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {self.store}")
         prepared = _codec.Prepared.of(attrs, state, telemetry_history, copy=not blocking)

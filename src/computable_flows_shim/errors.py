@@ -22,6 +22,7 @@ __all__ = [
     "UnsupportedLeafError",
     "MetadataError",
     "CheckpointWriteError",
+    "DistributedSaveError",
     "CheckpointTooLargeError",
     "InvalidIterationError",
     "CheckpointWarning",
@@ -108,6 +109,14 @@ class CheckpointWriteError(CheckpointError, OSError):
 class StoreUnavailableError(CheckpointError, OSError):
     """Raised when an object store cannot be reached or refuses a request that is not about
     one checkpoint (network down, bad credentials, missing bucket); nothing was committed."""
+
+
+class DistributedSaveError(CheckpointWriteError):
+    """Raised by a multi-process save (``jax.process_count() > 1``) on the processes that
+    survive when another process failed, was killed or did not reach the commit within the
+    save's ``distributed_timeout``: nothing was committed (the staging directory is removed
+    by process 0, or by stale cleanup if process 0 died).  The message names the process
+    and the phase; a process whose own save raised re-raises its own error instead."""
 
 
 class CheckpointTooLargeError(CheckpointError, MemoryError):

@@ -1,0 +1,264 @@
+"""Multi-process saves: every JAX process writes its own shards, process 0 commits once.
+
+When ``jax.process_count() > 1`` (after ``jax.distributed.initialize``), every process
+calls ``create_checkpoint`` with the same arguments (SPMD), and the save runs here:
+
+1. Process 0 opens the staging directory of the (shared, local-directory) store, holding
+   its lock, creates every group and array directory, and shares the staging path
+   (relative to the store root) through the distributed runtime's key-value store.
+2. Every process writes the chunk files of its own addressable shards with
+   ``replica_id == 0`` into that one directory (process 0 also writes the leaves that
+   are not global ``jax.Array``\\s, and the telemetry), then publishes the CRC32C of
+   each chunk it wrote, or its error.
+3. Barrier ``written`` (with a timeout).  Process 0 gathers every process's CRCs,
+   checks that every chunk of every array was written by someone, writes the array
+   ``zarr.json`` files with the full manifests and the root metadata, and commits
+   (the rename); it publishes the result, which every other process reads.
+4. Barrier ``done`` (with a timeout): every process returns only after the commit and
+   knows whether it happened.
+
+Any failure before the commit (a process raising, killed, or slower than the timeout)
+means no commit: process 0 leaves the staging context, which removes the directory (if
+process 0 itself dies, its lock is released and the next stale cleanup removes it), and
+every surviving process raises :class:`DistributedSaveError` (a process whose own save
+raised re-raises its own error) within the timeout of the wait it was in.
+
+What JAX's coordination service does meanwhile (jax 0.10.2, observed in
+tests/test_multiprocess.py): a SIGKILLed process is declared dead after
+``heartbeat_timeout_seconds`` (``jax.distributed.initialize``, default 100 s), and then
+the service *terminates every other process* (``Terminating process because the JAX
+distributed service detected fatal errors``, SIGABRT).  So the save's timeout should be
+shorter than the heartbeat timeout for the error to reach the caller first.  If process 0
+(which hosts the service) dies, the other processes are terminated at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import json
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from . import _codec
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointWarning,
+    CheckpointWriteError,
+    DistributedSaveError,
+)
+
+if TYPE_CHECKING:
+    from ._manager import CheckpointManager
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds each wait for the other processes of a multi-process save may take."""
+
+_SEQ = itertools.count()
+"""Saves made by this process: the same sequence on every process (SPMD), so that the
+key-value keys and barrier names of one save are unique and agreed without talking."""
+
+
+def active() -> bool:
+    """True when this is one process of several (``jax.distributed.initialize`` was called)."""
+    return jax.process_count() > 1
+
+
+def _client() -> Any:
+    from jax._src.distributed import global_state
+
+    if global_state.client is None:
+        raise CheckpointWriteError("multi-process save: jax.distributed is not initialized on this process")
+    return global_state.client
+
+
+def _ms(timeout: float) -> int:
+    return max(1, int(timeout * 1000))
+
+
+def _barrier(client: Any, name: str, timeout: float, what: str) -> None:
+    try:
+        client.wait_at_barrier(name, _ms(timeout))
+    except Exception as e:  # JaxRuntimeError: DEADLINE_EXCEEDED, or a peer set to ERROR
+        committed = "" if name.endswith("/done") else "nothing was committed; "
+        raise DistributedSaveError(
+            f"{what}: {committed}not every process reached barrier {name!r} within {timeout:g} s "
+            f"(a process failed, was killed or is slower than the timeout): {str(e).splitlines()[0]}"
+        ) from None
+
+
+def _get(client: Any, key: str, timeout: float, what: str) -> str:
+    try:
+        return client.blocking_key_value_get(key, _ms(timeout))
+    except Exception as e:
+        raise DistributedSaveError(f"{what}: no {key!r} within {timeout:g} s: {str(e).splitlines()[0]}") from None
+
+
+def _encode(crcs: dict[str, dict[int, int]], stats: _codec.WriteStats) -> str:
+    packed = {
+        path: [
+            base64.b64encode(np.fromiter(d.keys(), np.int64, len(d)).tobytes()).decode(),
+            base64.b64encode(np.fromiter(d.values(), np.uint32, len(d)).tobytes()).decode(),
+        ]
+        for path, d in crcs.items()
+    }
+    s = stats
+    return json.dumps({"crcs": packed, "stats": [s.bytes_written, s.chunks_written, s.chunks_linked, s.bytes_linked]})
+
+
+def _decode(text: str) -> tuple[dict[str, dict[int, int]], list[int]]:
+    doc = json.loads(text)
+    crcs = {
+        path: dict(
+            zip(
+                np.frombuffer(base64.b64decode(i), np.int64).tolist(),
+                np.frombuffer(base64.b64decode(c), np.uint32).tolist(),
+            )
+        )
+        for path, (i, c) in doc["crcs"].items()
+    }
+    return crcs, doc["stats"]
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:500]
+
+
+def save(
+    mgr: CheckpointManager,
+    run_id: str,
+    cid: str,
+    attrs: dict,
+    state: Any,
+    telemetry_history: Any,
+    timeout: float,
+) -> str:
+    """One multi-process save; every process calls it with the same arguments."""
+    from ._store import LocalDirectoryStore
+
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"distributed_timeout must be a positive number of seconds, got {timeout!r}")
+    store = mgr.store
+    if not isinstance(store, LocalDirectoryStore):
+        raise CheckpointWriteError(
+            f"multi-process saves need a local-directory store on a file system every process shares, not {store!r}"
+        )
+    client = _client()
+    pid, nproc = jax.process_index(), jax.process_count()
+    prefix = f"cfs/save/{next(_SEQ)}/{cid}"
+    what = f"multi-process save of checkpoint {cid!r} (process {pid} of {nproc})"
+    durable = mgr.durable
+    own_error: BaseException | None = None
+    stats = _codec.WriteStats()
+
+    base_dir = mgr._base_dir(run_id)
+    if pid != 0:
+        try:
+            prepared = _codec.Prepared.of(attrs, state, telemetry_history)
+            rel = _get(client, f"{prefix}/staging", timeout, what)
+            if rel.startswith("!"):
+                raise DistributedSaveError(f"{what}: process 0 failed before writing: {rel[1:]}")
+            tmp = os.path.join(store.root, rel)
+            if not os.path.isdir(tmp):
+                raise DistributedSaveError(
+                    f"{what}: the staging directory {tmp} of process 0 is not visible here "
+                    "(the store must be on a file system every process shares)"
+                )
+            crcs, stats = _codec.write_chunks(tmp, prepared, durable, base_dir, global_only=True)
+            client.key_value_set(f"{prefix}/crcs/{pid}", _encode(crcs, stats))
+        except Exception as e:  # noqa: BLE001 - published to process 0, then raised below
+            own_error = e
+            client.key_value_set(f"{prefix}/crcs/{pid}", "!" + _describe(e))
+        _barrier(client, f"{prefix}/written", timeout, what)
+        result = _get(client, f"{prefix}/result", timeout, what + ", waiting for process 0 to commit")
+        try:
+            _barrier(client, f"{prefix}/done", timeout, what)
+        except DistributedSaveError as e:
+            if result == "ok":  # committed and complete: a process failed afterwards
+                warnings.warn(f"{e} (after the commit)", CheckpointWarning, stacklevel=3)
+        if own_error is not None:
+            raise _as_write_error(own_error, cid)
+        if result != "ok":
+            raise DistributedSaveError(f"{what}: nothing was committed: {result[1:]}")
+        mgr.last_save_stats = stats
+        mgr._last_saved[run_id] = cid
+        return cid
+
+    # process 0: owns the staging directory and the commit
+    committed, published = False, False
+    failures: list[str] = []
+    with contextlib.ExitStack() as staging:  # leaving it uncommitted removes the staging directory
+        try:
+            if store.exists(cid):
+                raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {store}")
+            tmp, commit = staging.enter_context(store.staging(cid, durable))
+            prepared = _codec.Prepared.of(attrs, state, telemetry_history)
+            _codec.make_dirs(tmp, prepared)
+            client.key_value_set(f"{prefix}/staging", os.path.relpath(tmp, store.root))
+            published = True
+            crcs, stats = _codec.write_chunks(tmp, prepared, durable, base_dir)
+            client.key_value_set(f"{prefix}/crcs/0", _encode(crcs, stats))
+        except Exception as e:  # noqa: BLE001 - published to the others, then raised below
+            own_error = e
+            failures.append(f"process 0: {_describe(e)}")
+            if not published:
+                client.key_value_set(f"{prefix}/staging", "!" + _describe(e))
+        _barrier(client, f"{prefix}/written", timeout, what)  # raising leaves the staging: removed
+        for p in range(1, nproc):
+            try:
+                text = client.key_value_try_get(f"{prefix}/crcs/{p}")
+            except Exception:  # noqa: BLE001 - NOT_FOUND: it passed the barrier without publishing
+                text = "!published no chunk checksums"
+            if text.startswith("!"):
+                failures.append(f"process {p}: {text[1:]}")
+                continue
+            other, s = _decode(text)
+            for path, d in other.items():
+                crcs.setdefault(path, {}).update(d)
+            stats = _codec.WriteStats(
+                stats.bytes_written + s[0],
+                stats.chunks_written + s[1],
+                stats.chunks_linked + s[2],
+                stats.bytes_linked + s[3],
+            )
+        if not failures:
+            try:
+                _codec.write_metadata(tmp, prepared, crcs, durable)
+                commit()
+                committed = True
+            except Exception as e:  # noqa: BLE001
+                own_error = e
+                failures.append(f"process 0: {_describe(e)}")
+    result = "ok" if committed else "!" + "; ".join(failures)
+    client.key_value_set(f"{prefix}/result", result)
+    try:
+        _barrier(client, f"{prefix}/done", timeout, what)
+        client.key_value_delete(prefix)
+    except DistributedSaveError as e:
+        if not committed:
+            raise DistributedSaveError(f"{e}; nothing was committed: {result[1:]}") from None
+        warnings.warn(f"{e} (after the commit)", CheckpointWarning, stacklevel=3)
+    if own_error is not None:
+        raise _as_write_error(own_error, cid)
+    if not committed:
+        raise DistributedSaveError(f"{what}: nothing was committed: {result[1:]}")
+    mgr.last_save_stats = stats
+    mgr._last_saved[run_id] = cid
+    if mgr.retention is not None:
+        mgr._apply_retention(run_id, mgr.retention, dry_run=False, force=False)
+    return cid
+
+
+def _as_write_error(e: BaseException, cid: str) -> BaseException:
+    """An OS error as the manager's single-process saves report it."""
+    if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+        err = CheckpointWriteError(f"saving checkpoint {cid!r} failed, nothing was committed: {e}")
+        err.__cause__ = e
+        return err
+    return e
