@@ -196,7 +196,11 @@ class ObjectStore(Store):
             raise
 
     def _get(self, key: str) -> bytes:
-        return bytes(self._call(f"GET {key}", self._obs.get, key).bytes())
+        return bytes(self._get_buffer(key))
+
+    def _get_buffer(self, key: str) -> memoryview:
+        """An object's bytes without a copy (obstore's buffer)."""
+        return memoryview(self._call(f"GET {key}", self._obs.get, key).bytes())
 
     def _put(self, key: str, data: bytes, **kw: Any) -> None:
         self._call(f"PUT {key}", self._obs.put, key, data, **kw)
@@ -281,7 +285,7 @@ class ObjectStore(Store):
             return False  # not part of the checkpoint: missing, as in a directory store
         where = f"{self.root_url}/{rec['data']}/{rel}"
         try:
-            data = self._get(f"{rec['data']}/{rel}")
+            data = self._get_buffer(f"{rec['data']}/{rel}")
         except _Missing:
             raise CheckpointNotFoundError(
                 f"checkpoint {rec['checkpoint_id']!r} was deleted while being read ({where} is gone)"

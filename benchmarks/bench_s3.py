@@ -1,0 +1,123 @@
+"""Save/restore throughput to an S3-protocol server (moto_server on loopback, started
+here), against plain object PUTs/GETs of the same bytes through the same client, all
+measured in the same run.  Medians of several runs after one warm-up run of each method.
+
+    python benchmarks/bench_s3.py --size-mib 256 --repeats 3
+
+Methods:
+  cfs save        CheckpointManager("s3://...").create_checkpoint: local staging, parallel PUTs of
+                  every chunk, conditional PUT of the commit record
+  raw PUT         obstore.put of the same bytes as 4 MiB objects, 16 in flight (the floor for any
+                  client of this server: no encoding, no checksums, no commit)
+  cfs load        load_checkpoint from a fresh manager (nothing cached): GET of every object,
+                  CRC32C against the commit record and the chunk trailer, decode
+  raw GET         obstore.get of the same 4 MiB objects, 16 in flight
+  local save/load the same state in a local directory store (durable), for scale
+
+moto_server is a single Python process holding objects in memory: its absolute throughput
+says little about a real object store; the ratios to raw PUT/GET say what this package
+adds on top of the protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    from s3server import S3Server
+
+    from computable_flows_shim import CheckpointManager
+
+    nbytes = args.size_mib << 20
+    leaves = 8
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": rng.standard_normal(nbytes // leaves // 4).astype(np.float32) for i in range(leaves)}
+    blob = np.concatenate([v.view(np.uint8) for v in state.values()])
+    pieces = [blob[i : i + (4 << 20)] for i in range(0, blob.size, 4 << 20)]
+
+    with S3Server() as srv:
+        os.environ.update(srv.env)
+        bucket = srv.new_bucket()
+        url = f"s3://{bucket}/bench"
+        mgr = CheckpointManager(url)
+        import obstore
+        from obstore.store import from_url
+
+        raw = from_url(f"s3://{bucket}/raw", client_options={"allow_http": True})
+        pool = ThreadPoolExecutor(16)
+        counter = iter(range(1 << 30))
+
+        def cfs_save() -> None:
+            cid = mgr.create_checkpoint("bench", next(counter), state)
+            saved.append(cid)
+
+        def raw_put() -> None:
+            n = next(counter)
+            list(pool.map(lambda ip: obstore.put(raw, f"{n}/{ip[0]}", memoryview(ip[1])), enumerate(pieces)))
+            puts.append(n)
+
+        def cfs_load() -> None:
+            out = CheckpointManager(url).load_checkpoint(saved[-1])["state"]
+            assert np.array_equal(out["w0"], state["w0"])
+
+        def raw_get() -> None:
+            n = puts[-1]
+            got = list(pool.map(lambda i: obstore.get(raw, f"{n}/{i}").bytes(), range(len(pieces))))
+            assert sum(len(g) for g in got) == blob.size
+
+        saved: list[str] = []
+        puts: list[int] = []
+        rows = [
+            ("cfs save", timed(cfs_save, args.repeats), "raw PUT"),
+            ("raw PUT", timed(raw_put, args.repeats), None),
+            ("cfs load", timed(cfs_load, args.repeats), "raw GET"),
+            ("raw GET", timed(raw_get, args.repeats), None),
+        ]
+        with tempfile.TemporaryDirectory() as d:
+            local = CheckpointManager(d)
+            rows.append(
+                ("local save", timed(lambda: local.create_checkpoint("l", next(counter), state), args.repeats), None)
+            )
+            last = local.list_checkpoints()[0].checkpoint_id
+            rows.append(("local load", timed(lambda: local.load_checkpoint(last), args.repeats), None))
+
+    med = {name: statistics.median(ts) for name, ts, _ in rows}
+    print(f"\nstate: {leaves} float32 leaves, {args.size_mib} MiB; medians of {args.repeats} after a warm-up")
+    print(f"{'method':<12} {'median s':>9} {'MiB/s':>8} {'vs':>9} {'ratio':>6}  all runs (s)")
+    for name, ts, ref in rows:
+        ratio = f"{med[ref] / med[name]:.2f}x" if ref else ""
+        print(
+            f"{name:<12} {med[name]:9.3f} {args.size_mib / med[name]:8.0f} {ref or '':>9} {ratio:>6}  "
+            + " ".join(f"{t:.3f}" for t in ts)
+        )
+    print("ratio = reference time / cfs time (1.00x: as fast as plain PUTs/GETs of the same bytes)")
+
+
+if __name__ == "__main__":
+    main()
