@@ -55,3 +55,29 @@ def test_local_cluster_reduces_leaves_lazily(tmp_path):
     assert [p for p in opened if str(tmp_path) in p] == []  # the client read no chunk: the workers did
     assert workers and all(w.startswith("tcp://") for w in workers)
     assert len(ts.data) >= nchunks
+
+
+def test_local_cluster_reduces_an_s3_checkpoint_through_zarr(s3_url):
+    """An object-store checkpoint on the cluster: the workers open the committed group at its
+    URL with zarr's own ObjectStore (no code of this package on the read path)."""
+    da = pytest.importorskip("dask.array")
+    import zarr
+    from obstore.store import from_url
+    from zarr.storage import ObjectStore as ZarrObjectStore
+
+    w = np.random.default_rng(1).standard_normal((1500, 1000))
+    mgr = CheckpointManager(s3_url)
+    cid = mgr.create_checkpoint("s3", 1, {"w": w})
+    store = ZarrObjectStore(from_url(mgr.checkpoint_path(cid), client_options={"allow_http": True}), read_only=True)
+    arr = da.from_zarr(zarr.open_array(store, path="state/w", mode="r"))
+    assert arr.npartitions == 3
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        with distributed.get_task_stream(client) as ts:
+            got = client.compute((arr**2).sum()).result()
+    np.testing.assert_allclose(got, np.sum(w**2), rtol=1e-12)
+    assert {t["worker"] for t in ts.data}

@@ -311,19 +311,13 @@ class ObjectStore(Store):
         return mirror
 
     @contextmanager
-    def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, Callable[[], None]]]:  # type: ignore[override]
-        """Yield ``(local dir, commit)``: ``commit()`` uploads the directory and writes the record."""
+    def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, Callable[..., None]]]:  # type: ignore[override]
+        """Yield ``(local dir, commit)``.  The upload marker is PUT first, before any object of
+        the upload; ``commit(extra_objects)`` uploads the directory (``extra_objects``: what
+        other processes uploaded under the same token, see :meth:`join_staging`) and creates
+        the commit record.  Leaving without a commit deletes the upload and its marker."""
         token = secrets.token_hex(12)
         tmp = os.path.join(self._cache, ".staging", f"{name}.{token}")
-        os.makedirs(tmp)
-        try:
-            yield tmp, partial(self._commit, name, token, tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _commit(self, name: str, token: str, tmp: str) -> None:
-        if self.exists(name):
-            raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self}")
         data, marker, now = f"{name}/{token}", self._marker_key(name, token), time.time()
         body = {
             "checkpoint_id": name,
@@ -334,39 +328,70 @@ class ObjectStore(Store):
             "expires_at": _iso(now + self.upload_lease),
             "expires_at_unix": now + self.upload_lease,
         }
-        self._put(marker, json.dumps(body).encode())
+        os.makedirs(tmp)
+        committed = False
+
+        def commit(extra_objects: dict[str, list[int]] | None = None) -> None:
+            nonlocal committed
+            self._commit(name, token, tmp, extra_objects or {})
+            committed = True
+
         try:
-            objects = self._upload_files(tmp, data)
-            record = {
-                "format": S.COMMIT_RECORD_FORMAT,
-                "format_version": S.COMMIT_RECORD_VERSION,
-                "checkpoint_id": name,
-                "token": token,
-                "data": data,
-                "committed_at": _iso(time.time()),
-                "objects": objects,
-            }
-            if not self._head(marker):
-                raise CheckpointWriteError(
-                    f"saving checkpoint {name!r}: the upload outlived its lease ({self.upload_lease:g} s) and "
-                    "another manager's cleanup removed it; nothing was committed"
-                )
-            self._put_record(name, token, json.dumps(record, separators=(",", ":")).encode())
-        except BaseException:
+            self._put(marker, json.dumps(body).encode())
+            yield tmp, commit
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
             try:
-                self._delete_prefix(data + "/")
-                self._delete_keys([marker])
+                if not committed:
+                    self._delete_prefix(data + "/")
+                self._delete_keys([marker])  # after a commit: harmless if left, cleanup removes it
             except Exception:
                 pass  # left to cleanup_stale: the marker's lease says when
-            raise
-        try:
-            self._delete_keys([marker])
-        except Exception:
-            pass  # a marker of a committed upload is harmless; cleanup removes it
 
-    def _upload_files(self, tmp: str, data: str) -> dict[str, list[int]]:
-        """PUT every file under ``tmp`` (in parallel; the root zarr.json last) and return
-        ``{key: [size, crc32c]}``."""
+    def staging_ref(self, tmp: str) -> str:
+        return os.path.basename(tmp).rsplit(".", 1)[1]
+
+    @contextmanager
+    def join_staging(self, name: str, ref: str) -> Iterator[tuple[str, Callable[[], dict[str, list[int]]]]]:  # type: ignore[override]
+        """Another process's part of an upload (multi-process saves): yield ``(empty local dir,
+        finish)``; ``finish()`` PUTs the files written there under the upload's token and returns
+        ``{key: [size, crc32c]}`` for the committing process's :meth:`staging` ``commit``."""
+        if not (isinstance(ref, str) and _TOKEN_RE.match(ref)):
+            raise CheckpointWriteError(f"saving checkpoint {name!r}: {ref!r} is not an upload token")
+        os.makedirs(os.path.join(self._cache, ".staging"), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"{name}.{ref}.", dir=os.path.join(self._cache, ".staging"))
+        try:
+            yield tmp, partial(self._upload_files, tmp, f"{name}/{ref}", root=False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _commit(self, name: str, token: str, tmp: str, extra_objects: dict[str, list[int]]) -> None:
+        if self.exists(name):
+            raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self}")
+        data, marker = f"{name}/{token}", self._marker_key(name, token)
+        for key, meta in extra_objects.items():
+            if not _safe_key(key) or key == "zarr.json" or not isinstance(meta, list) or len(meta) != 2:
+                raise CheckpointWriteError(f"saving checkpoint {name!r}: bad object entry {key!r}: {meta!r}")
+        objects = {**extra_objects, **self._upload_files(tmp, data)}
+        record = {
+            "format": S.COMMIT_RECORD_FORMAT,
+            "format_version": S.COMMIT_RECORD_VERSION,
+            "checkpoint_id": name,
+            "token": token,
+            "data": data,
+            "committed_at": _iso(time.time()),
+            "objects": objects,
+        }
+        if not self._head(marker):
+            raise CheckpointWriteError(
+                f"saving checkpoint {name!r}: the upload outlived its lease ({self.upload_lease:g} s) and "
+                "another manager's cleanup removed it; nothing was committed"
+            )
+        self._put_record(name, token, json.dumps(record, separators=(",", ":")).encode())
+
+    def _upload_files(self, tmp: str, data: str, root: bool = True) -> dict[str, list[int]]:
+        """PUT every file under ``tmp`` (in parallel; the root zarr.json last, required when
+        ``root``) and return ``{key: [size, crc32c]}``."""
         keys = []
         for base, _dirs, files in os.walk(tmp):
             rel = os.path.relpath(base, tmp)
@@ -381,8 +406,11 @@ class ObjectStore(Store):
         futures = [self._pool.submit(put, k) for k in sorted(keys) if k != "zarr.json"]
         wait(futures)  # all finished (or failed) before any cleanup deletes the prefix
         objects = dict(f.result() for f in futures)
-        key, meta = put("zarr.json")
-        objects[key] = meta
+        if root:
+            key, meta = put("zarr.json")
+            objects[key] = meta
+        elif "zarr.json" in keys:
+            raise CheckpointWriteError(f"{data}: only the committing process writes the root zarr.json")
         return objects
 
     def _put_record(self, name: str, token: str, body: bytes) -> None:

@@ -82,6 +82,16 @@ class Store(abc.ABC):
     def staging(self, name: str, durable: bool = True) -> AbstractContextManager[tuple[str, Callable[[], None]]]:
         """Context manager yielding an empty directory; ``commit(dir)`` publishes it as ``name``."""
 
+    def staging_ref(self, tmp: str) -> str:
+        """A string naming the staging area ``tmp`` that other processes can join (multi-process saves)."""
+        raise NotImplementedError(f"{self!r} does not support multi-process saves")
+
+    def join_staging(self, name: str, ref: str) -> AbstractContextManager[tuple[str, Callable[[], dict]]]:
+        """Another process's part of a save: yield ``(dir, finish)``; write files into ``dir``, then
+        ``finish()`` makes them part of the staging area and returns what the committing
+        process passes to ``commit(...)``."""
+        raise NotImplementedError(f"{self!r} does not support multi-process saves")
+
     @abc.abstractmethod
     def delete(self, name: str) -> bool:
         """Remove a committed entry atomically; False if there was none."""
@@ -183,7 +193,7 @@ class LocalDirectoryStore(Store):
         lock = tmp + ".lock"
         committed = False
 
-        def commit() -> None:
+        def commit(extra_objects: object = None) -> None:  # other processes' files are in tmp already
             nonlocal committed
             try:
                 rename_noreplace(tmp, self.path(name))
@@ -220,6 +230,20 @@ class LocalDirectoryStore(Store):
                 except FileNotFoundError:
                     pass
                 os.close(fd)
+
+    def staging_ref(self, tmp: str) -> str:
+        return os.path.relpath(tmp, self._staging_root)
+
+    @contextmanager
+    def join_staging(self, name: str, ref: str) -> Iterator[tuple[str, Callable[[], dict]]]:  # type: ignore[override]
+        """The committing process's staging directory itself (a file system every process shares)."""
+        tmp = os.path.join(self._staging_root, ref)
+        if os.sep in ref or not ref.startswith(name + ".") or not os.path.isdir(tmp):
+            raise CheckpointWriteError(
+                f"saving checkpoint {name!r}: the staging directory {tmp} is not visible here "
+                "(the store must be on a file system every process shares)"
+            )
+        yield tmp, dict
 
     def delete(self, name: str) -> bool:
         os.makedirs(self._trash_root, exist_ok=True)
