@@ -33,6 +33,7 @@ from ._arrays import (
     TARGET_CHUNK_BYTES,
     Layout,
     array_metadata,
+    fetch_missing,
     group_metadata,
     open_regular,
     parse_array,
@@ -683,8 +684,14 @@ class StoredArray:
     def _check_chunk_sizes(self, size: int, exact: bool) -> None:
         for c in self.layout.coords():
             key = self.layout.key(c)
+            path = os.path.join(self.dirpath, *key.split("/"))
             try:
-                st = os.lstat(os.path.join(self.dirpath, *key.split("/")))
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    if not fetch_missing(path):  # a remote checkpoint's chunk not fetched yet
+                        raise
+                    st = os.lstat(path)
             except OSError:
                 raise CheckpointCorruptError(f"{self.where}, chunk {key!r}: chunk file missing") from None
             if st.st_size != size if exact else st.st_size < size:
