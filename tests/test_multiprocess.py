@@ -308,3 +308,48 @@ def test_failing_process_means_no_commit(tmp_path, mode):
         assert "barrier" in text and float(elapsed) < 4 + 3, msg
     assert time.monotonic() - t0 < 60
     _no_trace(store)
+
+
+def test_processes_save_one_checkpoint_to_an_object_store(s3_url, s3_server):
+    """The same save on an s3:// store (moto_server on loopback): process 0 opens the upload
+    (its marker), every process PUTs its own shards' chunks under the upload's token and
+    reports them, process 0 creates the commit record naming every object; it verifies and
+    restores onto 1 and 4 devices in one process."""
+    outs = finish(launch(SAVE, 2, s3_url, "ok"))
+    for rc, out, err in outs:
+        assert rc == 0 and lines(out, "SAVED"), err[-3000:]
+    cid = "mp-i000000000003"
+    mgr = CheckpointManager(s3_url)
+    assert [i.checkpoint_id for i in mgr.list_checkpoints()] == [cid]
+    assert mgr.verify_checkpoint(cid).problems == []
+    np.testing.assert_array_equal(mgr.load_checkpoint(cid)["state"]["w"], W)
+    rec = mgr.store._committed(cid)
+    assert {f"state/w/c.{i}.0" for i in range(4)} <= set(rec["objects"])  # process 1 wrote c.2.0 and c.3.0
+    keys = s3_server.keys(s3_url.split("/")[2])
+    assert not [k for k in keys if ".cfs-uploads" in k]
+    assert {k for k in keys if "/.cfs-commits/" not in k} == {f"ckpt/{rec['data']}/{k}" for k in rec["objects"]}
+    for devices in [1, 4]:
+        r = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(RESTORE_1), s3_url, str(devices), cid],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_env(),
+        )
+        assert r.returncode == 0 and f"OK {devices}" in r.stdout, r.stderr[-3000:]
+
+
+def test_killed_process_means_no_commit_on_an_object_store(s3_url, s3_server):
+    """Process 1 of 2 SIGKILLed after PUTting its shards: process 0 raises at the barrier,
+    commits nothing, and deletes the whole upload (process 1's objects too) and its marker."""
+    procs = launch(SAVE, 2, s3_url, "kill", CFS_VICTIM=1, CFS_TIMEOUT=4)
+    assert procs[1].stdout is not None
+    assert procs[1].stdout.readline().strip() == "WRITTEN"
+    bucket = s3_url.split("/")[2]
+    assert [k for k in s3_server.keys(bucket) if "/state/w/c." in k]  # its chunks are uploaded
+    procs[1].send_signal(signal.SIGKILL)
+    outs = finish(procs)
+    rc, out, err = outs[0]
+    assert rc == 3 and "barrier" in lines(out, "DISTRIBUTED-ERROR")[0], (out, err[-2000:])
+    assert s3_server.keys(bucket) == []
+    assert CheckpointManager(s3_url).list_checkpoints() == []

@@ -3,13 +3,17 @@
 When ``jax.process_count() > 1`` (after ``jax.distributed.initialize``), every process
 calls ``create_checkpoint`` with the same arguments (SPMD), and the save runs here:
 
-1. Process 0 opens the staging directory of the (shared, local-directory) store, holding
-   its lock, creates every group and array directory, and shares the staging path
-   (relative to the store root) through the distributed runtime's key-value store.
+1. Process 0 opens the store's staging area (a local-directory store on a file system
+   every process shares: the staging directory, holding its lock; an object store: an
+   upload token, its marker PUT), creates every group and array directory, and shares
+   the staging reference (``Store.staging_ref``) through the distributed runtime's
+   key-value store.
 2. Every process writes the chunk files of its own addressable shards with
-   ``replica_id == 0`` into that one directory (process 0 also writes the leaves that
-   are not global ``jax.Array``\\s, and the telemetry), then publishes the CRC32C of
-   each chunk it wrote, or its error.
+   ``replica_id == 0`` (process 0 also writes the leaves that are not global
+   ``jax.Array``\\s, and the telemetry): into that one directory, or (object store) into
+   a local directory whose files it PUTs under the upload's token (``Store.join_staging``);
+   then it publishes the CRC32C of each chunk it wrote (and the objects it PUT), or its
+   error.
 3. Barrier ``written`` (with a timeout).  Process 0 gathers every process's CRCs,
    checks that every chunk of every array was written by someone, writes the array
    ``zarr.json`` files with the full manifests and the root metadata, and commits
@@ -38,7 +42,6 @@ import base64
 import contextlib
 import itertools
 import json
-import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,7 @@ import jax
 import numpy as np
 
 from . import _codec
+from ._store import Store
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -100,7 +104,7 @@ def _get(client: Any, key: str, timeout: float, what: str) -> str:
         raise DistributedSaveError(f"{what}: no {key!r} within {timeout:g} s: {str(e).splitlines()[0]}") from None
 
 
-def _encode(crcs: dict[str, dict[int, int]], stats: _codec.WriteStats) -> str:
+def _encode(crcs: dict[str, dict[int, int]], stats: _codec.WriteStats, objects: dict | None = None) -> str:
     packed = {
         path: [
             base64.b64encode(np.fromiter(d.keys(), np.int64, len(d)).tobytes()).decode(),
@@ -109,10 +113,16 @@ def _encode(crcs: dict[str, dict[int, int]], stats: _codec.WriteStats) -> str:
         for path, d in crcs.items()
     }
     s = stats
-    return json.dumps({"crcs": packed, "stats": [s.bytes_written, s.chunks_written, s.chunks_linked, s.bytes_linked]})
+    return json.dumps(
+        {
+            "crcs": packed,
+            "stats": [s.bytes_written, s.chunks_written, s.chunks_linked, s.bytes_linked],
+            "objects": objects or {},  # an object store's {key: [size, crc32c]} of the objects this process PUT
+        }
+    )
 
 
-def _decode(text: str) -> tuple[dict[str, dict[int, int]], list[int]]:
+def _decode(text: str) -> tuple[dict[str, dict[int, int]], list[int], dict]:
     doc = json.loads(text)
     crcs = {
         path: dict(
@@ -123,7 +133,7 @@ def _decode(text: str) -> tuple[dict[str, dict[int, int]], list[int]]:
         )
         for path, (i, c) in doc["crcs"].items()
     }
-    return crcs, doc["stats"]
+    return crcs, doc["stats"], doc.get("objects", {})
 
 
 def _describe(e: BaseException) -> str:
@@ -140,20 +150,16 @@ def save(
     timeout: float,
 ) -> str:
     """One multi-process save; every process calls it with the same arguments."""
-    from ._store import LocalDirectoryStore
-
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"distributed_timeout must be a positive number of seconds, got {timeout!r}")
     store = mgr.store
-    if not isinstance(store, LocalDirectoryStore):
-        raise CheckpointWriteError(
-            f"multi-process saves need a local-directory store on a file system every process shares, not {store!r}"
-        )
+    if type(store).join_staging is Store.join_staging:
+        raise CheckpointWriteError(f"multi-process saves are not supported by {store!r}")
     client = _client()
     pid, nproc = jax.process_index(), jax.process_count()
     prefix = f"cfs/save/{next(_SEQ)}/{cid}"
     what = f"multi-process save of checkpoint {cid!r} (process {pid} of {nproc})"
-    durable = mgr.durable
+    durable = mgr.durable and store.staging_is_final
     own_error: BaseException | None = None
     stats = _codec.WriteStats()
 
@@ -161,17 +167,16 @@ def save(
     if pid != 0:
         try:
             prepared = _codec.Prepared.of(attrs, state, telemetry_history)
-            rel = _get(client, f"{prefix}/staging", timeout, what)
-            if rel.startswith("!"):
-                raise DistributedSaveError(f"{what}: process 0 failed before writing: {rel[1:]}")
-            tmp = os.path.join(store.root, rel)
-            if not os.path.isdir(tmp):
-                raise DistributedSaveError(
-                    f"{what}: the staging directory {tmp} of process 0 is not visible here "
-                    "(the store must be on a file system every process shares)"
-                )
-            crcs, stats = _codec.write_chunks(tmp, prepared, durable, base_dir, global_only=True)
-            client.key_value_set(f"{prefix}/crcs/{pid}", _encode(crcs, stats))
+            ref = _get(client, f"{prefix}/staging", timeout, what)
+            if ref.startswith("!"):
+                raise DistributedSaveError(f"{what}: process 0 failed before writing: {ref[1:]}")
+            # a shared directory's staging itself, or (object store) a local one whose files finish() PUTs
+            with store.join_staging(cid, ref) as (tmp, finish_part):
+                if not store.staging_is_final:
+                    _codec.make_dirs(tmp, prepared)
+                crcs, stats = _codec.write_chunks(tmp, prepared, durable, base_dir, global_only=True)
+                objects = finish_part()
+            client.key_value_set(f"{prefix}/crcs/{pid}", _encode(crcs, stats, objects))
         except Exception as e:  # noqa: BLE001 - published to process 0, then raised below
             own_error = e
             client.key_value_set(f"{prefix}/crcs/{pid}", "!" + _describe(e))
@@ -193,6 +198,7 @@ def save(
     # process 0: owns the staging directory and the commit
     committed, published = False, False
     failures: list[str] = []
+    extra_objects: dict = {}
     with contextlib.ExitStack() as staging:  # leaving it uncommitted removes the staging directory
         try:
             if store.exists(cid):
@@ -200,7 +206,7 @@ def save(
             tmp, commit = staging.enter_context(store.staging(cid, durable))
             prepared = _codec.Prepared.of(attrs, state, telemetry_history)
             _codec.make_dirs(tmp, prepared)
-            client.key_value_set(f"{prefix}/staging", os.path.relpath(tmp, store.root))
+            client.key_value_set(f"{prefix}/staging", store.staging_ref(tmp))
             published = True
             crcs, stats = _codec.write_chunks(tmp, prepared, durable, base_dir)
             client.key_value_set(f"{prefix}/crcs/0", _encode(crcs, stats))
@@ -218,7 +224,8 @@ def save(
             if text.startswith("!"):
                 failures.append(f"process {p}: {text[1:]}")
                 continue
-            other, s = _decode(text)
+            other, s, objects = _decode(text)
+            extra_objects.update(objects)
             for path, d in other.items():
                 crcs.setdefault(path, {}).update(d)
             stats = _codec.WriteStats(
@@ -230,7 +237,7 @@ def save(
         if not failures:
             try:
                 _codec.write_metadata(tmp, prepared, crcs, durable)
-                commit()
+                commit(extra_objects)
                 committed = True
             except Exception as e:  # noqa: BLE001
                 own_error = e

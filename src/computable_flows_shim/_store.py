@@ -79,8 +79,9 @@ class Store(abc.ABC):
     def exists(self, name: str) -> bool: ...
 
     @abc.abstractmethod
-    def staging(self, name: str, durable: bool = True) -> AbstractContextManager[tuple[str, Callable[[], None]]]:
-        """Context manager yielding an empty directory; ``commit(dir)`` publishes it as ``name``."""
+    def staging(self, name: str, durable: bool = True) -> AbstractContextManager[tuple[str, Callable[..., None]]]:
+        """Context manager yielding ``(dir, commit)``: ``commit(extra_objects=None)`` publishes ``dir`` as
+        ``name`` (``extra_objects``: what other processes' :meth:`join_staging` ``finish()`` returned)."""
 
     def staging_ref(self, tmp: str) -> str:
         """A string naming the staging area ``tmp`` that other processes can join (multi-process saves)."""
@@ -186,7 +187,7 @@ class LocalDirectoryStore(Store):
             os.close(fd)  # a cleaner took the file between create and lock: retry
 
     @contextmanager
-    def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, Callable[[], None]]]:  # type: ignore[override]
+    def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, Callable[..., None]]]:  # type: ignore[override]
         """Yield ``(tmpdir, commit)``; leaving without calling ``commit()`` removes tmpdir."""
         token, fd = self._lock(name)
         tmp = os.path.join(self._staging_root, token)
