@@ -1,6 +1,6 @@
 """Save/restore throughput to an S3-protocol server (moto_server on loopback, started
 here), against plain object PUTs/GETs of the same bytes through the same client, all
-measured in the same run.  Medians of several runs after one warm-up run of each method.
+measured in the same run, interleaved.  Medians of several runs after one warm-up round.
 
     python benchmarks/bench_s3.py --size-mib 256 --repeats 3
 
@@ -34,14 +34,20 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+def interleaved(fns: list, repeats: int, after=None) -> list[list[float]]:
+    """Times of each function, run in turn (one warm-up round, then ``repeats`` rounds), so that
+    a server slowing down or speeding up over time affects every method alike; ``after(i)``
+    runs untimed after function ``i`` (to delete what it wrote: moto keeps objects in memory)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats + 1):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            if r:
+                times[i].append(time.perf_counter() - t)
+            if after is not None:
+                after(i)
+    return times
 
 
 def main() -> None:
@@ -59,7 +65,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     state = {f"w{i}": rng.standard_normal(nbytes // leaves // 4).astype(np.float32) for i in range(leaves)}
     blob = np.concatenate([v.view(np.uint8) for v in state.values()])
-    pieces = [blob[i : i + (4 << 20)] for i in range(0, blob.size, 4 << 20)]
+    pieces = [blob[i : i + (4 << 20)].tobytes() for i in range(0, blob.size, 4 << 20)]
 
     with S3Server() as srv:
         os.environ.update(srv.env)
@@ -72,6 +78,7 @@ def main() -> None:
         raw = from_url(f"s3://{bucket}/raw", client_options={"allow_http": True})
         pool = ThreadPoolExecutor(16)
         counter = iter(range(1 << 30))
+        last = [""]
 
         def cfs_save() -> None:
             cid = mgr.create_checkpoint("bench", next(counter), state)
@@ -79,7 +86,7 @@ def main() -> None:
 
         def raw_put() -> None:
             n = next(counter)
-            list(pool.map(lambda ip: obstore.put(raw, f"{n}/{ip[0]}", memoryview(ip[1])), enumerate(pieces)))
+            list(pool.map(lambda ip: obstore.put(raw, f"{n}/{ip[0]}", ip[1]), enumerate(pieces)))
             puts.append(n)
 
         def cfs_load() -> None:
@@ -93,19 +100,30 @@ def main() -> None:
 
         saved: list[str] = []
         puts: list[int] = []
+
+        def cleanup(i: int) -> None:
+            if i == 0 and len(saved) > 1:
+                mgr.delete_checkpoint(saved.pop(0))
+            if i == 1 and len(puts) > 1:
+                n = puts.pop(0)
+                obstore.delete(raw, [f"{n}/{j}" for j in range(len(pieces))])
+
+        save_t = interleaved([cfs_save, raw_put], args.repeats, cleanup)
+        load_t = interleaved([cfs_load, raw_get], args.repeats)
         rows = [
-            ("cfs save", timed(cfs_save, args.repeats), "raw PUT"),
-            ("raw PUT", timed(raw_put, args.repeats), None),
-            ("cfs load", timed(cfs_load, args.repeats), "raw GET"),
-            ("raw GET", timed(raw_get, args.repeats), None),
+            ("cfs save", save_t[0], "raw PUT"),
+            ("raw PUT", save_t[1], None),
+            ("cfs load", load_t[0], "raw GET"),
+            ("raw GET", load_t[1], None),
         ]
         with tempfile.TemporaryDirectory() as d:
             local = CheckpointManager(d)
-            rows.append(
-                ("local save", timed(lambda: local.create_checkpoint("l", next(counter), state), args.repeats), None)
+            local_t = interleaved(
+                [lambda: local.create_checkpoint("l", next(counter), state), lambda: local.load_checkpoint(last[0])],
+                args.repeats,
+                lambda i: last.__setitem__(0, local.list_checkpoints()[0].checkpoint_id) if i == 0 else None,
             )
-            last = local.list_checkpoints()[0].checkpoint_id
-            rows.append(("local load", timed(lambda: local.load_checkpoint(last), args.repeats), None))
+            rows += [("local save", local_t[0], None), ("local load", local_t[1], None)]
 
     med = {name: statistics.median(ts) for name, ts, _ in rows}
     print(f"\nstate: {leaves} float32 leaves, {args.size_mib} MiB; medians of {args.repeats} after a warm-up")

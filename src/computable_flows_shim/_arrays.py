@@ -12,14 +12,15 @@ between.  See spec/FORMAT.md, "Arrays".
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import crc32c as _crc
 import numcodecs
@@ -64,27 +65,50 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EI
 """Errors that say nothing about the checkpoint (this process is out of something): raised as they are."""
 
 
-_MIRRORS: dict[str, Callable[[str], bool]] = {}
-"""Read-through mirrors of remote checkpoints (the object-store backend, ``_s3.py``): a
-local directory (with a trailing separator) and the function that fetches one of its
-files on first open, given its path relative to that directory (True if fetched)."""
+class Mirror(Protocol):
+    """A local directory standing for a remote checkpoint (the object-store backend,
+    ``_s3.py``): its directory tree exists, its files are fetched on demand.  ``rel`` is a
+    path relative to the mirror's directory, ``/``-separated."""
+
+    def fetch(self, rel: str) -> bool:
+        """Fetch the file into the mirror (metadata: read several times); False if the
+        checkpoint has no such object (then it is missing, as locally)."""
+        ...
+
+    def read(self, rel: str) -> Any:
+        """The object's bytes (a buffer), checked against the commit record, without writing
+        a file (chunks: read once); None if the checkpoint has no such object."""
+        ...
+
+    def size(self, rel: str) -> int | None:
+        """The object's size from the commit record, without fetching it."""
+        ...
 
 
-def register_mirror(root: str, fetch: Callable[[str], bool]) -> None:
-    _MIRRORS[os.path.join(root, "")] = fetch
+_MIRRORS: dict[str, Mirror] = {}
+
+
+def register_mirror(root: str, mirror: Mirror) -> None:
+    _MIRRORS[os.path.join(root, "")] = mirror
 
 
 def unregister_mirror(root: str) -> None:
     _MIRRORS.pop(os.path.join(root, ""), None)
 
 
+def mirror_of(path: str) -> tuple[Mirror, str] | None:
+    """The mirror holding ``path`` and the path relative to it, if any."""
+    for root, mirror in list(_MIRRORS.items()):
+        if path.startswith(root):
+            return mirror, path[len(root) :].replace(os.sep, "/")
+    return None
+
+
 def fetch_missing(path: str) -> bool:
     """Fetch a missing file of a mirrored remote checkpoint; False when ``path`` is not
     in a mirror or the checkpoint has no such object (then it is missing, as locally)."""
-    for root, fetch in list(_MIRRORS.items()):
-        if path.startswith(root):
-            return fetch(path[len(root) :])
-    return False
+    hit = mirror_of(path) if _MIRRORS else None
+    return hit is not None and hit[0].fetch(hit[1])
 
 
 def open_regular(path: str, where: str, what: str) -> tuple[int, os.stat_result]:
@@ -415,9 +439,15 @@ def _check_crc(data_crc: int, trailer: bytes, expected: int, where: str) -> None
         )
 
 
-def _open_nofollow(path: str, where: str):
-    fd, _ = open_regular(path, where, "chunk file")
-    return os.fdopen(fd, "rb", buffering=0)
+def _open_nofollow(path: str, where: str) -> tuple[Any, int]:
+    """A chunk file opened for reading, with its size.  A chunk of a mirrored remote
+    checkpoint is read from the store into memory (it is read once: no file is written)."""
+    if _MIRRORS and not os.path.lexists(path) and (hit := mirror_of(path)) is not None:
+        data = hit[0].read(hit[1])
+        if data is not None:
+            return io.BytesIO(data), len(data)
+    fd, st = open_regular(path, where, "chunk file")
+    return os.fdopen(fd, "rb", buffering=0), st.st_size
 
 
 def _read_small(f, size: int, where: str) -> bytes:
@@ -435,8 +465,8 @@ def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_c
     cwhere = f"{where}, chunk {layout.key(coords)!r}"
     region = layout.region(coords)
     valid = tuple(slice(0, s.stop - s.start) for s in region)
-    with _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere) as f:
-        size = os.fstat(f.fileno()).st_size
+    f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere)
+    with f:
         if layout.dtype is None:
             if size > 1 << 31 or size < S.CRC_BYTES:
                 raise CheckpointCorruptError(f"{cwhere}: text chunk has a bad size ({size} bytes)")
@@ -476,8 +506,8 @@ def read_chunk_into(
     cwhere = f"{where}, chunk {layout.key(coords)!r}"
     itemsize = layout.dtype.itemsize
     chunk_bytes = math.prod(layout.chunk_shape) * itemsize
-    with _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere) as f:
-        size = os.fstat(f.fileno()).st_size
+    f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere)
+    with f:
         if size != chunk_bytes + S.CRC_BYTES:
             raise CheckpointCorruptError(
                 f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)"

@@ -33,8 +33,8 @@ from ._arrays import (
     TARGET_CHUNK_BYTES,
     Layout,
     array_metadata,
-    fetch_missing,
     group_metadata,
+    mirror_of,
     open_regular,
     parse_array,
     read_chunk_into,
@@ -71,13 +71,15 @@ from .errors import (
 TELEMETRY_CHUNK = 65536
 """Samples per telemetry chunk."""
 _POOL = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="cfs-io")
+_REMOTE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="cfs-fetch")
+"""Reads of a remote checkpoint's chunks wait on the network, not the CPU: more in flight."""
 
 
-def _run_all(tasks: list[Callable[[], Any]]) -> list[Any]:
+def _run_all(tasks: list[Callable[[], Any]], pool: ThreadPoolExecutor = _POOL) -> list[Any]:
     """Run ``tasks`` on the I/O pool; the first failure cancels the rest and is raised."""
     if len(tasks) <= 1:
         return [t() for t in tasks]
-    futures: list[Future] = [_POOL.submit(t) for t in tasks]
+    futures: list[Future] = [pool.submit(t) for t in tasks]
     try:
         return [f.result() for f in futures]
     except BaseException:
@@ -686,17 +688,17 @@ class StoredArray:
             key = self.layout.key(c)
             path = os.path.join(self.dirpath, *key.split("/"))
             try:
-                try:
-                    st = os.lstat(path)
-                except FileNotFoundError:
-                    if not fetch_missing(path):  # a remote checkpoint's chunk not fetched yet
-                        raise
-                    st = os.lstat(path)
+                found: int | None = os.lstat(path).st_size
+            except FileNotFoundError:
+                hit = mirror_of(path)  # a remote checkpoint: the size its commit record gives
+                found = hit[0].size(hit[1]) if hit is not None else None
             except OSError:
+                found = None
+            if found is None:
                 raise CheckpointCorruptError(f"{self.where}, chunk {key!r}: chunk file missing") from None
-            if st.st_size != size if exact else st.st_size < size:
+            if found != size if exact else found < size:
                 raise CheckpointCorruptError(
-                    f"{self.where}, chunk {key!r}: chunk file has {st.st_size} bytes, "
+                    f"{self.where}, chunk {key!r}: chunk file has {found} bytes, "
                     f"{'expected' if exact else 'too few for the shape, at least'} {size}"
                 )
 
@@ -747,7 +749,9 @@ def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
     if arrays:
         _check_fits_in_memory(sum(a.nbytes for a in arrays), arrays[0].where.split(", leaf")[0])
     outs = [a.empty(backed=True) for a in arrays]
-    _run_all([t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)])
+    tasks = [t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)]
+    # chunks of a remote checkpoint are fetched by these tasks: many requests in flight
+    _run_all(tasks, _REMOTE_POOL if any(mirror_of(a.dirpath) for a in arrays) else _POOL)
     return outs
 
 

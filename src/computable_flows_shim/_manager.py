@@ -338,8 +338,7 @@ class CheckpointManager:
         ``metadata``, ``lineage``, ``telemetry_summary`` and ``telemetry`` (columns
         plus ``events``).
         """
-        self._dir(checkpoint_id)
-        path = self.store.materialize(checkpoint_id)  # an object store fetches every object at once
+        path = self._dir(checkpoint_id)
         with deleted_while_reading(path, checkpoint_id):
             attrs = self._attrs(checkpoint_id)
             state = _codec.read_state(path, attrs, checkpoint_id, target)

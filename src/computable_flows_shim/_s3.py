@@ -18,8 +18,9 @@ delete removes the record first (the checkpoint vanishes at once), then the obje
 Cleanup removes uploads whose lease expired and data that no record or marker owns.
 
 Reads go through a local read-through mirror of each checkpoint: its directory tree,
-each file fetched on first open (see ``_arrays.fetch_missing``), so lazy views read only
-the chunks they touch and one reader, with all its checks, serves both backends.
+metadata files fetched on first open and chunks read into memory when asked for (see
+``_arrays.Mirror``), so lazy views read only the chunks they touch and one reader, with
+all its checks, serves both backends.
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ class ObjectStore(Store):
         self._parts = os.path.join(self._cache, ".parts")
         os.mkdir(self._parts)
         self._mirrors: set[str] = set()
+        self.objects_read = 0
+        """Objects fetched from the store by this process's readers (a lazy slice fetches only its chunks)."""
+        self.bytes_read = 0
         self._lock = threading.Lock()
         weakref.finalize(self, _close, self._cache, self._mirrors, self._pool)
 
@@ -267,7 +271,8 @@ class ObjectStore(Store):
         return rec
 
     def path(self, name: str) -> str:
-        """The checkpoint's local mirror: its directories now, each file on first open."""
+        """The checkpoint's local mirror: its directories now, metadata files on first open,
+        chunks read into memory when a reader asks for them (``_arrays.Mirror``)."""
         rec = self._committed(name)
         mirror = os.path.join(self._cache, f"{name}.{rec['token']}")
         with self._lock:
@@ -275,14 +280,15 @@ class ObjectStore(Store):
                 os.makedirs(mirror, exist_ok=True)
                 for key in rec["objects"]:
                     os.makedirs(os.path.dirname(os.path.join(mirror, key)), exist_ok=True)
-                register_mirror(mirror, partial(self._fetch, rec, mirror))
+                register_mirror(mirror, _Mirror(self, rec, mirror))
                 self._mirrors.add(mirror)
         return mirror
 
-    def _fetch(self, rec: dict, mirror: str, rel: str) -> bool:
+    def _read_object(self, rec: dict, rel: str) -> memoryview | None:
+        """One object of a committed checkpoint, checked against its commit record."""
         meta = rec["objects"].get(rel)
         if meta is None:
-            return False  # not part of the checkpoint: missing, as in a directory store
+            return None  # not part of the checkpoint: missing, as in a directory store
         where = f"{self.root_url}/{rec['data']}/{rel}"
         try:
             data = self._get_buffer(f"{rec['data']}/{rel}")
@@ -295,6 +301,15 @@ class ObjectStore(Store):
                 f"{where}: object does not match the commit record ({len(data)} bytes, CRC32C "
                 f"{_crc.crc32c(data):#010x}; recorded {meta[0]} bytes, {meta[1]:#010x})"
             )
+        with self._lock:
+            self.objects_read += 1
+            self.bytes_read += len(data)
+        return data
+
+    def _fetch(self, rec: dict, mirror: str, rel: str) -> bool:
+        data = self._read_object(rec, rel)
+        if data is None:
+            return False
         part = os.path.join(self._parts, secrets.token_hex(8))
         with open(part, "wb") as f:
             f.write(data)
@@ -486,6 +501,24 @@ class ObjectStore(Store):
 
     def tag_index(self, durable: bool = True) -> ObjectTagIndex:
         return ObjectTagIndex(self)
+
+
+class _Mirror:
+    """A committed checkpoint's local mirror (``_arrays.Mirror``): metadata fetched into
+    files (read several times), chunks read into memory (read once, by a load or a slice)."""
+
+    def __init__(self, store: ObjectStore, rec: dict, root: str) -> None:
+        self.store, self.rec, self.root = store, rec, root
+
+    def fetch(self, rel: str) -> bool:
+        return self.store._fetch(self.rec, self.root, rel)
+
+    def read(self, rel: str) -> memoryview | None:
+        return self.store._read_object(self.rec, rel)
+
+    def size(self, rel: str) -> int | None:
+        meta = self.rec["objects"].get(rel)
+        return None if meta is None else meta[0]
 
 
 class ObjectTagIndex:
