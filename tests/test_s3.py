@@ -303,6 +303,13 @@ def test_hostile_and_damaged_commit_records(s3_url, tmp_path):
     store._put(f"{rec['data']}/state/x/c.0", b"\0" * (8000 + 4))
     with pytest.raises(CheckpointCorruptError, match="does not match the commit record"):
         CheckpointManager(s3_url).load_checkpoint(cid)
+    report = CheckpointManager(s3_url).verify_checkpoint(cid)  # reported, not raised
+    assert not report.ok and "does not match the commit record" in report.problems[0]
+
+    # a record naming one key as an object and as a prefix (a file and a directory of the mirror)
+    store._put(key, json.dumps({**rec, "objects": {**rec["objects"], "state/x/c.0/more": [1, 0]}}).encode())
+    with pytest.raises(CheckpointFormatError, match="as an object and a prefix"):
+        CheckpointManager(s3_url).load_checkpoint(cid)
 
     # a record whose keys would write outside the mirror: refused before any fetch
     bad = {**rec, "objects": {**rec["objects"], "../../../escape": [1, 0]}}
@@ -318,6 +325,22 @@ def test_hostile_and_damaged_commit_records(s3_url, tmp_path):
         with pytest.raises((CheckpointFormatError, CheckpointCorruptError)):
             CheckpointManager(s3_url).load_checkpoint(cid)
 
+    # a damaged record does not block the store: cleanup goes on, delete removes it
+    store._put(f".cfs-uploads/{cid}/" + "d" * 24 + ".json", b'{"expires_at_unix": 0}')
+    with pytest.warns(Warning, match="skipping"):
+        assert ObjectStore(s3_url).cleanup_stale() == 1
+    assert CheckpointManager(s3_url).delete_checkpoint(cid)
+    assert not store.exists(cid)
+
+
+def test_a_deleted_checkpoints_tags_are_not_inherited(s3_url):
+    mgr = CheckpointManager(s3_url)
+    cid = mgr.create_checkpoint("t", 1, {"x": np.arange(3.0)})
+    mgr.tag_checkpoint(cid, "best")
+    assert mgr.delete_checkpoint(cid)
+    assert mgr.create_checkpoint("t", 1, {"x": np.arange(4.0)}) == cid
+    assert mgr.tags(cid) == [] and mgr.tagged() == {}
+
 
 def test_unreachable_store_is_a_clear_error():
     dead = f"http://127.0.0.1:{__import__('s3server').free_port()}"
@@ -328,6 +351,19 @@ def test_unreachable_store_is_a_clear_error():
     )
     with pytest.raises(StoreUnavailableError, match="nobucket"):
         CheckpointManager(store)
+
+
+def test_missing_bucket_is_a_clear_error(s3_url):
+    """A bucket that does not exist: listing and saving raise StoreUnavailableError naming it."""
+    missing = "s3://cfs-no-such-bucket/x"
+    with pytest.raises(StoreUnavailableError, match="cfs-no-such-bucket"):
+        CheckpointManager(missing)
+    store = ObjectStore(missing)
+    with pytest.raises(StoreUnavailableError, match="cfs-no-such-bucket"):
+        store.names()
+    with pytest.raises(StoreUnavailableError, match="cfs-no-such-bucket"):
+        with store.staging("r-i000000000001"):  # the upload marker's PUT
+            pass
 
 
 def test_bad_urls_are_refused():

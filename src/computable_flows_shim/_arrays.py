@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _spec as S
 from ._dtypes import fill_value_json, from_zarr_name, zarr_name
-from .errors import CheckpointCorruptError, CheckpointFormatError
+from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 
 TARGET_CHUNK_BYTES = 4 << 20
 """Numeric chunks hold at most this many bytes (a long last axis is split too)."""
@@ -125,6 +125,8 @@ def open_regular(path: str, where: str, what: str) -> tuple[int, os.stat_result]
             if not (_MIRRORS and fetch_missing(path)):
                 raise
             fd = os.open(path, flags)
+    except CheckpointError:
+        raise  # from a mirror's fetch: deleted while read, unreachable store, object not as recorded
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             raise CheckpointCorruptError(f"{where}: {what} missing") from None

@@ -22,8 +22,9 @@ calls ``create_checkpoint`` with the same arguments (SPMD), and the save runs he
    knows whether it happened.
 
 Any failure before the commit (a process raising, killed, or slower than the timeout)
-means no commit: process 0 leaves the staging context, which removes the directory (if
-process 0 itself dies, its lock is released and the next stale cleanup removes it), and
+means no commit: process 0 leaves the staging context, which removes the directory or the
+upload (if process 0 itself dies: its lock is released and the next stale cleanup removes
+the directory; an upload is removed by cleanup once its lease has expired), and
 every surviving process raises :class:`DistributedSaveError` (a process whose own save
 raised re-raises its own error) within the timeout of the wait it was in.
 
@@ -206,9 +207,16 @@ def save(
             tmp, commit = staging.enter_context(store.staging(cid, durable))
             prepared = _codec.Prepared.of(attrs, state, telemetry_history)
             _codec.make_dirs(tmp, prepared)
-            client.key_value_set(f"{prefix}/staging", store.staging_ref(tmp))
+            ref = store.staging_ref(tmp)
+            client.key_value_set(f"{prefix}/staging", ref)
             published = True
-            crcs, stats = _codec.write_chunks(tmp, prepared, durable, base_dir)
+            # its own chunks go in as every process's do (on an object store: PUT now, before the
+            # barrier, so that after it only the metadata and the record remain to be written)
+            with store.join_staging(cid, ref) as (ctmp, finish_part):
+                if not store.staging_is_final:
+                    _codec.make_dirs(ctmp, prepared)
+                crcs, stats = _codec.write_chunks(ctmp, prepared, durable, base_dir)
+                extra_objects.update(finish_part())
             client.key_value_set(f"{prefix}/crcs/0", _encode(crcs, stats))
         except Exception as e:  # noqa: BLE001 - published to the others, then raised below
             own_error = e

@@ -31,6 +31,7 @@ from .errors import (
     CheckpointWarning,
     CheckpointWriteError,
     MetadataError,
+    StoreUnavailableError,
 )
 
 
@@ -379,6 +380,8 @@ class CheckpointManager:
                 continue
             try:
                 attrs = self._attrs(name)
+            except StoreUnavailableError:
+                raise  # not damage: skipping it would make an older checkpoint look like the latest
             except CheckpointError as e:
                 if self.store.exists(name):  # else deleted while listing, not damaged
                     warnings.warn(f"skipping damaged checkpoint: {e}", CheckpointWarning, stacklevel=2)
@@ -397,13 +400,13 @@ class CheckpointManager:
     def verify_checkpoint(self, checkpoint_id: CheckpointId) -> VerifyReport:
         """Read every chunk of every array and report what is damaged
         (CheckpointNotFoundError if the checkpoint is deleted meanwhile)."""
-        self._dir(checkpoint_id)
-        path = self.store.materialize(checkpoint_id)
+        path = self._dir(checkpoint_id)
         try:
+            path = self.store.materialize(checkpoint_id)  # an object store: every object, checked
             with deleted_while_reading(path, checkpoint_id):
                 self._attrs(checkpoint_id)
-        except CheckpointNotFoundError:
-            raise
+        except (CheckpointNotFoundError, StoreUnavailableError):
+            raise  # not damage
         except CheckpointError as e:
             return VerifyReport(checkpoint_id, [str(e)])
         problems = _codec.verify_group(path, checkpoint_id)
@@ -466,8 +469,7 @@ class CheckpointManager:
         later checkpoint with the same id would inherit."""
         if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
             raise CheckpointNotFoundError(f"{checkpoint_id!r} is not a checkpoint id")
-        if isinstance(self.store, LocalDirectoryStore):
-            self.store.tag_index(self.durable).drop(checkpoint_id)
+        self.store.tag_index(self.durable).drop(checkpoint_id)
         return self.store.delete(checkpoint_id)
 
     def cleanup_old_checkpoints(self, run_id: RunId, keep_last: int = 5) -> int:

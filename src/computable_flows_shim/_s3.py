@@ -35,6 +35,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -49,9 +50,11 @@ from ._arrays import register_mirror, unregister_mirror
 from ._store import Store
 from .errors import (
     CheckpointCorruptError,
+    CheckpointError,
     CheckpointExistsError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CheckpointWarning,
     CheckpointWriteError,
     MissingDependencyError,
     StoreUnavailableError,
@@ -72,6 +75,10 @@ class _Missing(KeyError):
 
 class _Exists(KeyError):
     """A create-only PUT found the key already there."""
+
+
+class _OutcomeUnknown(CheckpointWriteError):
+    """The commit record's PUT failed in a way that does not say whether it landed."""
 
 
 def is_url(root: object) -> bool:
@@ -131,6 +138,14 @@ def _parse_record(raw: bytes, name: str, where: str) -> dict:
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in meta)
         ):
             raise CheckpointFormatError(f"{where}: commit record entry {key!r}: {meta!r} is not [size, crc32c]")
+    keys = rec["objects"]
+    for key in keys:
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in keys:
+                raise CheckpointFormatError(
+                    f"{where}: commit record names {'/'.join(parts[:i])!r} as an object and a prefix"
+                )
     return rec
 
 
@@ -175,6 +190,7 @@ class ObjectStore(Store):
         self._parts = os.path.join(self._cache, ".parts")
         os.mkdir(self._parts)
         self._mirrors: set[str] = set()
+        self._recs: dict[str, dict] = {}
         self.objects_read = 0
         """Objects fetched from the store by this process's readers (a lazy slice fetches only its chunks)."""
         self.bytes_read = 0
@@ -185,12 +201,17 @@ class ObjectStore(Store):
         return f"ObjectStore({self.root_url!r})"
 
     # ------------------------------------------------------------ object calls
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """One obstore call: a missing key raises _Missing, a failed create-only PUT _Exists,
-        and anything else from the store StoreUnavailableError."""
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, key_op: bool = False, **kwargs: Any) -> Any:
+        """One obstore call: a missing key (``key_op``: a GET or HEAD) raises _Missing, a failed
+        create-only PUT _Exists, and anything else from the store StoreUnavailableError (a
+        "not found" on a PUT, LIST or DELETE means the bucket is missing)."""
         try:
             return fn(self._s, *args, **kwargs)
-        except (FileNotFoundError, self._exc.NotFoundError):
+        except (FileNotFoundError, self._exc.NotFoundError) as e:
+            if not key_op:
+                raise StoreUnavailableError(
+                    f"{self}: {what} failed: not found (does bucket {self.bucket!r} exist?): {str(e).splitlines()[0]}"
+                ) from e
             raise _Missing(what) from None
         except (FileExistsError, self._exc.AlreadyExistsError, self._exc.PreconditionError):
             raise _Exists(what) from None
@@ -204,23 +225,21 @@ class ObjectStore(Store):
 
     def _get_buffer(self, key: str) -> memoryview:
         """An object's bytes without a copy (obstore's buffer)."""
-        return memoryview(self._call(f"GET {key}", self._obs.get, key).bytes())
+        return memoryview(self._call(f"GET {key}", lambda s, k: self._obs.get(s, k).bytes(), key, key_op=True))
 
     def _put(self, key: str, data: bytes, **kw: Any) -> None:
         self._call(f"PUT {key}", self._obs.put, key, data, **kw)
 
     def _head(self, key: str) -> bool:
         try:
-            self._call(f"HEAD {key}", self._obs.head, key)
+            self._call(f"HEAD {key}", self._obs.head, key, key_op=True)
         except _Missing:
             return False
         return True
 
     def _list(self, prefix: str) -> list[dict]:
-        out: list[dict] = []
-        for batch in self._call(f"LIST {prefix}", self._obs.list, prefix):
-            out.extend(batch)
-        return out
+        # the listing is a lazy stream: iterate it inside the call, where its errors are mapped
+        return self._call(f"LIST {prefix}", lambda s, p: [o for batch in self._obs.list(s, p) for o in batch], prefix)
 
     def _subdirs(self, prefix: str | None) -> list[str]:
         res = self._call(f"LIST {prefix or '/'}", self._obs.list_with_delimiter, prefix)
@@ -282,6 +301,7 @@ class ObjectStore(Store):
                     os.makedirs(os.path.dirname(os.path.join(mirror, key)), exist_ok=True)
                 register_mirror(mirror, _Mirror(self, rec, mirror))
                 self._mirrors.add(mirror)
+                self._recs[mirror] = rec
         return mirror
 
     def _read_object(self, rec: dict, rel: str) -> memoryview | None:
@@ -311,14 +331,17 @@ class ObjectStore(Store):
         if data is None:
             return False
         part = os.path.join(self._parts, secrets.token_hex(8))
-        with open(part, "wb") as f:
-            f.write(data)
-        os.replace(part, os.path.join(mirror, rel))
+        try:
+            with open(part, "wb") as f:
+                f.write(data)
+            os.replace(part, os.path.join(mirror, rel))
+        except OSError as e:  # the local disk (full?), or a mirror removed by a delete meanwhile
+            raise StoreUnavailableError(f"{self}: cannot write {rel!r} into the local mirror {mirror}: {e}") from e
         return True
 
     def materialize(self, name: str) -> str:
         mirror = self.path(name)
-        rec = self._committed(name)
+        rec = self._recs[mirror]  # the record the mirror was made from (not a newer one)
         missing = [k for k in rec["objects"] if not os.path.exists(os.path.join(mirror, k))]
         futures = [self._pool.submit(self._fetch, rec, mirror, k) for k in missing]
         for f in futures:
@@ -344,11 +367,15 @@ class ObjectStore(Store):
             "expires_at_unix": now + self.upload_lease,
         }
         os.makedirs(tmp)
-        committed = False
+        committed, unknown = False, False
 
         def commit(extra_objects: dict[str, list[int]] | None = None) -> None:
-            nonlocal committed
-            self._commit(name, token, tmp, extra_objects or {})
+            nonlocal committed, unknown
+            try:
+                self._commit(name, token, tmp, extra_objects or {})
+            except _OutcomeUnknown:
+                unknown = True
+                raise
             committed = True
 
         try:
@@ -357,9 +384,10 @@ class ObjectStore(Store):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
-                if not committed:
+                if not committed and not unknown:
                     self._delete_prefix(data + "/")
-                self._delete_keys([marker])  # after a commit: harmless if left, cleanup removes it
+                if not unknown:
+                    self._delete_keys([marker])  # after a commit: harmless if left, cleanup removes it
             except Exception:
                 pass  # left to cleanup_stale: the marker's lease says when
 
@@ -429,29 +457,65 @@ class ObjectStore(Store):
         return objects
 
     def _put_record(self, name: str, token: str, body: bytes) -> None:
+        """Create the commit record; when the PUT's outcome is unclear (a 412/409 after a retry
+        of a PUT that landed, or a transport error), the record itself says who committed."""
         try:
             self._put(self._record_key(name), body, mode="create")
+            return
         except _Exists:
-            raise CheckpointExistsError(
-                f"checkpoint {name!r} already exists in {self} (committed by another writer)"
-            ) from None
-        except StoreUnavailableError:
-            # the PUT may have landed before the error: then this writer committed
+            failure: BaseException | None = None
+        except StoreUnavailableError as e:
+            failure = e
+        try:
             rec = self._record(name)
-            if rec is None or rec["token"] != token:
-                raise
+        except (CheckpointError, OSError) as e:
+            rec, failure = None, failure or e
+        if rec is not None and rec["token"] == token:
+            return  # this writer's PUT landed
+        if rec is not None:
+            raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self} (committed by another writer)")
+        # no record, and an error that may hide a PUT still landing: keep the upload (and its
+        # marker), so that cleanup decides after the lease, by the record's token
+        raise _OutcomeUnknown(
+            f"saving checkpoint {name!r}: the commit record's PUT failed ({failure}); it may still land: "
+            f"the upload is kept until its lease ({self.upload_lease:g} s) expires"
+        ) from failure
 
     def delete(self, name: str) -> bool:
-        rec = self._record(name) if S.is_checkpoint_id(name) else None
-        if rec is None:
+        if not (S.is_checkpoint_id(name) and self._head(self._record_key(name))):
             return False
+        try:
+            rec: dict | None = self._record(name)
+        except CheckpointError:
+            rec = None  # a damaged record: removed all the same; its data is left to cleanup
         self._delete_keys([self._record_key(name)])  # the checkpoint is gone from here on
-        self._delete_prefix(rec["data"] + "/")
-        mirror = os.path.join(self._cache, f"{name}.{rec['token']}")
-        with self._lock:
-            self._mirrors.discard(mirror)
-            unregister_mirror(mirror)
-        shutil.rmtree(mirror, ignore_errors=True)
+        if rec is not None:
+            self._delete_prefix(rec["data"] + "/")
+            mirror = os.path.join(self._cache, f"{name}.{rec['token']}")
+            with self._lock:
+                self._mirrors.discard(mirror)
+                self._recs.pop(mirror, None)
+                unregister_mirror(mirror)
+            shutil.rmtree(mirror, ignore_errors=True)
+        return True
+
+    def _record_or_none(self, name: str) -> dict | None:
+        """The record, or None when there is none or it cannot be read (cleanup must go on)."""
+        try:
+            return self._record(name)
+        except CheckpointError as e:
+            if isinstance(e, StoreUnavailableError):
+                raise
+            warnings.warn(f"{self}: skipping {name!r} in cleanup: {e}", CheckpointWarning, stacklevel=3)
+            return None
+
+    def _try_delete(self, what: str, fn: Callable[[], None]) -> bool:
+        """A cleanup deletion; refused (read-only credentials) is a warning, not a failure to open."""
+        try:
+            fn()
+        except StoreUnavailableError as e:
+            warnings.warn(f"{self}: cleanup could not delete {what}: {e}", CheckpointWarning, stacklevel=3)
+            return False
         return True
 
     def cleanup_stale(self) -> int:
@@ -465,31 +529,38 @@ class ObjectStore(Store):
             if len(parts) != 3 or not parts[2].endswith(".json"):
                 continue
             name, token = parts[1], parts[2][: -len(".json")]
+            if not (S.is_checkpoint_id(name) and _TOKEN_RE.match(token)):
+                continue  # not a marker this package writes: never acted on
             try:
-                expires = float(json.loads(self._get(o["path"]))["expires_at_unix"])
+                raw = self._get(o["path"])
+                expires = float(json.loads(raw)["expires_at_unix"]) if len(raw) < 1 << 16 else 0.0
             except _Missing:
                 continue  # finished meanwhile
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 expires = o["last_modified"].timestamp() + DEFAULT_UPLOAD_LEASE
             if expires > now:
                 continue  # a live upload
-            rec = self._record(name) if name in committed and S.is_checkpoint_id(name) else None
-            if rec is None or rec["token"] != token:
-                self._delete_prefix(f"{name}/{token}/")
+            # the marker goes first: a writer that overran its lease then fails its check before
+            # the record; the record is read afresh, after that, to decide about the data
+            if not self._try_delete(o["path"], partial(self._delete_keys, [o["path"]])):
+                continue
+            rec = self._record_or_none(name)
+            if (rec is None or rec["token"] != token) and self._try_delete(
+                f"{name}/{token}/", partial(self._delete_prefix, f"{name}/{token}/")
+            ):
                 removed += 1
-            self._delete_keys([o["path"]])
         for name in tops:
             if name in committed:
                 continue
             for token in self._subdirs(name):
                 # the marker of an upload precedes its first object: none now means none ever will be
-                if self._head(self._marker_key(name, token)):
+                if not _TOKEN_RE.match(token) or self._head(self._marker_key(name, token)):
                     continue
-                rec = self._record(name)
+                rec = self._record_or_none(name)
                 if rec is not None and rec["token"] == token:
                     continue
-                self._delete_prefix(f"{name}/{token}/")
-                removed += 1
+                if self._try_delete(f"{name}/{token}/", partial(self._delete_prefix, f"{name}/{token}/")):
+                    removed += 1
         return removed
 
     def files(self, name: str) -> list[tuple[tuple, int, int]]:

@@ -114,8 +114,9 @@ class StoreUnavailableError(CheckpointError, OSError):
 class DistributedSaveError(CheckpointWriteError):
     """Raised by a multi-process save (``jax.process_count() > 1``) on the processes that
     survive when another process failed, was killed or did not reach the commit within the
-    save's ``distributed_timeout``: nothing was committed (the staging directory is removed
-    by process 0, or by stale cleanup if process 0 died).  The message names the process
+    save's ``distributed_timeout``: nothing was committed (the staging directory or upload
+    is removed by process 0, or by stale cleanup if process 0 died: at once for a directory
+    store, once the upload's lease has expired for an object store).  The message names the process
     and the phase; a process whose own save raised re-raises its own error instead."""
 
 
