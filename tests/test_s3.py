@@ -305,6 +305,15 @@ def test_hostile_and_damaged_commit_records(s3_url, tmp_path):
         CheckpointManager(s3_url).load_checkpoint(cid)
     report = CheckpointManager(s3_url).verify_checkpoint(cid)  # reported, not raised
     assert not report.ok and "does not match the commit record" in report.problems[0]
+    # larger than recorded: refused from the response's size, before the body is read
+    store._put(f"{rec['data']}/state/x/c.0", b"\0" * (1 << 20))
+    with pytest.raises(CheckpointCorruptError, match="larger than the recorded 8004 bytes"):
+        CheckpointManager(s3_url).load_checkpoint(cid)
+    # a metadata object recorded as 1 GiB: refused before any GET
+    huge = {**rec, "objects": {**rec["objects"], "state/zarr.json": [1 << 30, 0]}}
+    store._put(key, json.dumps(huge).encode())
+    with pytest.raises(CheckpointFormatError, match="metadata larger than"):
+        CheckpointManager(s3_url).load_checkpoint(cid)
 
     # a record naming one key as an object and as a prefix (a file and a directory of the mirror)
     store._put(key, json.dumps({**rec, "objects": {**rec["objects"], "state/x/c.0/more": [1, 0]}}).encode())

@@ -46,7 +46,7 @@ from typing import Any
 import crc32c as _crc
 
 from . import _spec as S
-from ._arrays import register_mirror, unregister_mirror
+from ._arrays import MAX_METADATA_BYTES, register_mirror, unregister_mirror
 from ._store import Store
 from .errors import (
     CheckpointCorruptError,
@@ -220,12 +220,23 @@ class ObjectStore(Store):
                 raise StoreUnavailableError(f"{self}: {what} failed: {str(e).splitlines()[0]}") from e
             raise
 
-    def _get(self, key: str) -> bytes:
-        return bytes(self._get_buffer(key))
+    def _get(self, key: str, limit: int | None = None) -> bytes:
+        return bytes(self._get_buffer(key, limit))
 
-    def _get_buffer(self, key: str) -> memoryview:
-        """An object's bytes without a copy (obstore's buffer)."""
-        return memoryview(self._call(f"GET {key}", lambda s, k: self._obs.get(s, k).bytes(), key, key_op=True))
+    def _get_buffer(self, key: str, limit: int | None = None) -> memoryview:
+        """An object's bytes without a copy (obstore's buffer).  An object larger than ``limit``
+        is refused from the size in the response's headers, before its body is read (bounded
+        memory on a hostile store)."""
+
+        def get(s: Any, k: str) -> Any:
+            result = self._obs.get(s, k)
+            size = result.meta["size"]
+            return size if limit is not None and size > limit else result.bytes()
+
+        data = self._call(f"GET {key}", get, key, key_op=True)
+        if isinstance(data, int):
+            raise CheckpointFormatError(f"{self.root_url}/{key}: {data} bytes, more than the {limit} expected")
+        return memoryview(data)
 
     def _put(self, key: str, data: bytes, **kw: Any) -> None:
         self._call(f"PUT {key}", self._obs.put, key, data, **kw)
@@ -262,7 +273,7 @@ class ObjectStore(Store):
 
     def _record(self, name: str) -> dict | None:
         try:
-            raw = self._get(self._record_key(name))
+            raw = self._get(self._record_key(name), MAX_RECORD_BYTES)
         except _Missing:
             return None
         return _parse_record(raw, name, f"{self.root_url}/{self._record_key(name)}")
@@ -311,7 +322,11 @@ class ObjectStore(Store):
             return None  # not part of the checkpoint: missing, as in a directory store
         where = f"{self.root_url}/{rec['data']}/{rel}"
         try:
-            data = self._get_buffer(f"{rec['data']}/{rel}")
+            data = self._get_buffer(f"{rec['data']}/{rel}", meta[0])
+        except CheckpointFormatError:
+            raise CheckpointCorruptError(
+                f"{where}: object does not match the commit record (larger than the recorded {meta[0]} bytes)"
+            ) from None
         except _Missing:
             raise CheckpointNotFoundError(
                 f"checkpoint {rec['checkpoint_id']!r} was deleted while being read ({where} is gone)"
@@ -327,6 +342,11 @@ class ObjectStore(Store):
         return data
 
     def _fetch(self, rec: dict, mirror: str, rel: str) -> bool:
+        meta = rec["objects"].get(rel)
+        if meta is not None and rel.rsplit("/", 1)[-1] == "zarr.json" and meta[0] > MAX_METADATA_BYTES:
+            raise CheckpointFormatError(
+                f"{self.root_url}/{rec['data']}/{rel}: metadata larger than {MAX_METADATA_BYTES} bytes"
+            )
         data = self._read_object(rec, rel)
         if data is None:
             return False
@@ -532,11 +552,10 @@ class ObjectStore(Store):
             if not (S.is_checkpoint_id(name) and _TOKEN_RE.match(token)):
                 continue  # not a marker this package writes: never acted on
             try:
-                raw = self._get(o["path"])
-                expires = float(json.loads(raw)["expires_at_unix"]) if len(raw) < 1 << 16 else 0.0
+                expires = float(json.loads(self._get(o["path"], 1 << 16))["expires_at_unix"])
             except _Missing:
                 continue  # finished meanwhile
-            except (ValueError, KeyError, TypeError, RecursionError):
+            except (ValueError, KeyError, TypeError, RecursionError, CheckpointFormatError):
                 expires = o["last_modified"].timestamp() + DEFAULT_UPLOAD_LEASE
             if expires > now:
                 continue  # a live upload
