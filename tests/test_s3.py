@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from datetime import timedelta
@@ -203,9 +204,10 @@ def test_random_kills_during_saves_leave_nothing_partial(s3_url, s3_server):
     (1 s here) expire, cleanup (each new writer's manager runs it) leaves only objects
     that commit records name."""
     rng = np.random.default_rng(7)
-    lease, mid_upload = 1.0, 0
+    lease, mid_upload, pids = 1.0, 0, []
     for k in range(10):
         p = _writer(s3_url, "kill", 1000 * k, float(k), lease)
+        pids.append(p.pid)
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "ready"
         time.sleep(float(rng.uniform(0.05, 0.5)))
@@ -220,6 +222,9 @@ def test_random_kills_during_saves_leave_nothing_partial(s3_url, s3_server):
     ObjectStore(s3_url, upload_lease=3600).cleanup_stale()
     assert _garbage(s3_url, s3_server) == set()
     assert sorted(_check_all_whole(s3_url)) == sorted(ids)
+    # the killed writers' local staging and mirrors (cfs-s3-<pid>-*) are gone too
+    left = [n for n in os.listdir(tempfile.gettempdir()) if any(n.startswith(f"cfs-s3-{pid}-") for pid in pids)]
+    assert left == []
     print(f"{len(ids)} checkpoints committed, {mid_upload}/10 kills left an unfinished upload")
 
 

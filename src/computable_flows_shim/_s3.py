@@ -186,7 +186,8 @@ class ObjectStore(Store):
         self._s = obs.store.from_url(self.root_url, client_options=client_options, **options)
         self.upload_lease = float(upload_lease)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cfs-s3")
-        self._cache = tempfile.mkdtemp(prefix="cfs-s3-")
+        _remove_dead_caches()
+        self._cache = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
         self._parts = os.path.join(self._cache, ".parts")
         os.mkdir(self._parts)
         self._mirrors: set[str] = set()
@@ -659,6 +660,30 @@ def _valid_tag(path: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_CACHE_PREFIX = "cfs-s3-"
+
+
+def _remove_dead_caches() -> None:
+    """Remove the local mirrors and staging areas that killed processes left in the temp
+    directory (``cfs-s3-<pid>-*``, ``<pid>`` no longer running): a process removes its own
+    at exit, a SIGKILLed one cannot."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for n in names:
+        m = re.match(rf"^{_CACHE_PREFIX}(\d+)-[A-Za-z0-9_]+$", n)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(tmp, n), ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's
 
 
 def _close(cache: str, mirrors: set[str], pool: ThreadPoolExecutor) -> None:
