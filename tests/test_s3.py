@@ -409,3 +409,28 @@ def test_cli_runs_resumes_and_lists_on_s3(s3_url):
     cfs("gc", "demo", "--keep-last", "1")
     left = [c["checkpoint_id"] for c in json.loads(cfs("ls", "--json"))]
     assert "demo-i000000000400" in left and "demo-i000000000100" not in left
+
+
+def test_incremental_saves_copy_unchanged_chunks_server_side(s3_url, s3_server):
+    """The run's next checkpoint copies (server-side) the chunks whose size, CRC32C and SHA-256
+    equal its previous checkpoint's, and PUTs the rest; each checkpoint stands alone after the
+    other is deleted."""
+    rng = np.random.default_rng(5)
+    frozen = rng.standard_normal((1500, 1000))  # 12 MB: three chunks, unchanged between saves
+    mgr = CheckpointManager(s3_url)
+    c1 = mgr.create_checkpoint("inc", 1, {"frozen": frozen, "x": np.zeros(1000)})
+    first = dict(mgr.store.last_upload)
+    c2 = mgr.create_checkpoint("inc", 2, {"frozen": frozen, "x": np.ones(1000)})
+    second = dict(mgr.store.last_upload)
+    assert first["objects_copied"] == 0
+    assert second["objects_copied"] == 3 and second["bytes_copied"] == 3 * (524 * 1000 * 8 + 4)
+    assert second["bytes_put"] < 64 << 10  # the changed leaf, telemetry and metadata only
+    rec1, rec2 = (mgr.store._committed(c) for c in (c1, c2))
+    assert (
+        rec1["data"] != rec2["data"] and rec2["objects"]["state/frozen/c.0.0"] == rec1["objects"]["state/frozen/c.0.0"]
+    )
+    assert mgr.delete_checkpoint(c1)
+    out = CheckpointManager(s3_url).load_checkpoint(c2)["state"]
+    np.testing.assert_array_equal(out["frozen"], frozen)
+    np.testing.assert_array_equal(out["x"], np.ones(1000))
+    assert CheckpointManager(s3_url).verify_checkpoint(c2).ok

@@ -73,10 +73,12 @@ def test_commit_records_validate(s3_url):
         rec = json.loads(mgr.store._get(f".cfs-commits/{c}.json"))
         v.validate(rec)
         assert rec["data"] == f"{c}/{rec['token']}" and "state/x/c.0" in rec["objects"]
+        assert all(len(meta) == 3 for meta in rec["objects"].values())  # size, CRC32C, SHA-256
         bad = [
             {**rec, "objects": {**rec["objects"], "../x": [1, 2]}},
             {**rec, "objects": {**rec["objects"], "state/x/c.0": [1, 1 << 33]}},
             {**rec, "token": "XYZ"},
+            {**rec, "objects": {**rec["objects"], "state/x/c.0": [1, 2, "not-a-sha256"]}},
             {k: x for k, x in rec.items() if k != "objects"},
         ]
         for b in bad:

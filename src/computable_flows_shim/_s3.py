@@ -26,6 +26,7 @@ all its checks, serves both backends.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -65,6 +66,7 @@ MAX_RECORD_BYTES = 64 << 20
 DEFAULT_UPLOAD_LEASE = 24 * 3600.0
 """Seconds an upload may take before another manager's cleanup may remove it."""
 _TOKEN_RE = re.compile(r"^[0-9a-f]{24}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_PART_RE = re.compile(r"^[A-Za-z0-9._%-]+$")
 _URL_RE = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(.*))?$")
 
@@ -134,10 +136,13 @@ def _parse_record(raw: bytes, name: str, where: str) -> dict:
         if not (
             _safe_key(key)
             and isinstance(meta, list)
-            and len(meta) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in meta)
+            and len(meta) in (2, 3)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 48 for v in meta[:2])
+            and (len(meta) == 2 or (isinstance(meta[2], str) and _SHA256_RE.match(meta[2])))
         ):
-            raise CheckpointFormatError(f"{where}: commit record entry {key!r}: {meta!r} is not [size, crc32c]")
+            raise CheckpointFormatError(
+                f"{where}: commit record entry {key!r}: {meta!r} is not [size, crc32c] or [size, crc32c, sha256]"
+            )
     keys = rec["objects"]
     for key in keys:
         parts = key.split("/")
@@ -192,6 +197,8 @@ class ObjectStore(Store):
         os.mkdir(self._parts)
         self._mirrors: set[str] = set()
         self._recs: dict[str, dict] = {}
+        self.last_upload: dict[str, int] = {}
+        """Objects PUT and copied server-side (unchanged chunks) by this process's last upload."""
         self.objects_read = 0
         """Objects fetched from the store by this process's readers (a lazy slice fetches only its chunks)."""
         self.bytes_read = 0
@@ -425,7 +432,7 @@ class ObjectStore(Store):
         os.makedirs(os.path.join(self._cache, ".staging"), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f"{name}.{ref}.", dir=os.path.join(self._cache, ".staging"))
         try:
-            yield tmp, partial(self._upload_files, tmp, f"{name}/{ref}", root=False)
+            yield tmp, partial(self._upload_files, tmp, f"{name}/{ref}", root=False, base=self._base_record(name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -434,9 +441,9 @@ class ObjectStore(Store):
             raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self}")
         data, marker = f"{name}/{token}", self._marker_key(name, token)
         for key, meta in extra_objects.items():
-            if not _safe_key(key) or key == "zarr.json" or not isinstance(meta, list) or len(meta) != 2:
+            if not _safe_key(key) or key == "zarr.json" or not isinstance(meta, list) or len(meta) not in (2, 3):
                 raise CheckpointWriteError(f"saving checkpoint {name!r}: bad object entry {key!r}: {meta!r}")
-        objects = {**extra_objects, **self._upload_files(tmp, data)}
+        objects = {**extra_objects, **self._upload_files(tmp, data, base=self._base_record(name))}
         record = {
             "format": S.COMMIT_RECORD_FORMAT,
             "format_version": S.COMMIT_RECORD_VERSION,
@@ -453,19 +460,36 @@ class ObjectStore(Store):
             )
         self._put_record(name, token, json.dumps(record, separators=(",", ":")).encode())
 
-    def _upload_files(self, tmp: str, data: str, root: bool = True) -> dict[str, list[int]]:
+    def _upload_files(self, tmp: str, data: str, root: bool = True, base: dict | None = None) -> dict[str, list]:
         """PUT every file under ``tmp`` (in parallel; the root zarr.json last, required when
-        ``root``) and return ``{key: [size, crc32c]}``."""
+        ``root``) and return ``{key: [size, crc32c, sha256]}``.  A chunk whose size, CRC32C and
+        SHA-256 equal the same key's in ``base`` (the commit record of the run's previous
+        checkpoint) is copied server-side from it instead (an incremental save)."""
         keys = []
-        for base, _dirs, files in os.walk(tmp):
-            rel = os.path.relpath(base, tmp)
+        for b, _dirs, files in os.walk(tmp):
+            rel = os.path.relpath(b, tmp)
             keys += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files]
+        old = base["objects"] if base is not None else {}
+        stats = {"objects_put": 0, "objects_copied": 0, "bytes_put": 0, "bytes_copied": 0}
 
-        def put(key: str) -> tuple[str, list[int]]:
+        def put(key: str) -> tuple[str, list]:
             with open(os.path.join(tmp, key), "rb") as f:
                 b = f.read()
+            meta = [len(b), _crc.crc32c(b), hashlib.sha256(b).hexdigest()]
+            if base is not None and old.get(key) == meta and not key.endswith("zarr.json"):
+                try:
+                    self._call(f"COPY {key}", self._obs.copy, f"{base['data']}/{key}", f"{data}/{key}")
+                    with self._lock:
+                        stats["objects_copied"] += 1
+                        stats["bytes_copied"] += len(b)
+                    return key, meta
+                except (_Missing, StoreUnavailableError):
+                    pass  # the base was deleted meanwhile, or the store cannot copy: PUT it
             self._put(f"{data}/{key}", b)
-            return key, [len(b), _crc.crc32c(b)]
+            with self._lock:
+                stats["objects_put"] += 1
+                stats["bytes_put"] += len(b)
+            return key, meta
 
         futures = [self._pool.submit(put, k) for k in sorted(keys) if k != "zarr.json"]
         wait(futures)  # all finished (or failed) before any cleanup deletes the prefix
@@ -475,7 +499,25 @@ class ObjectStore(Store):
             objects[key] = meta
         elif "zarr.json" in keys:
             raise CheckpointWriteError(f"{data}: only the committing process writes the root zarr.json")
+        self.last_upload = stats
         return objects
+
+    def _base_record(self, name: str) -> dict | None:
+        """The commit record of the run's latest other checkpoint (for an incremental save)."""
+        m = S.CHECKPOINT_ID_RE.match(name)
+        if m is None:
+            return None
+        ids = [
+            (int(x.group("it")), n)
+            for n in self.names()
+            if n != name and (x := S.CHECKPOINT_ID_RE.match(n)) and x.group("run") == m.group("run")
+        ]
+        if not ids:
+            return None
+        try:
+            return self._record(max(ids)[1])
+        except CheckpointError:
+            return None  # deleted or damaged meanwhile: no base, every object is PUT
 
     def _put_record(self, name: str, token: str, body: bytes) -> None:
         """Create the commit record; when the PUT's outcome is unclear (a 412/409 after a retry
@@ -588,7 +630,7 @@ class ObjectStore(Store):
         rec = self._record(name) if S.is_checkpoint_id(name) else None
         if rec is None:
             return []
-        return [((rec["data"], k), size, 1) for k, (size, _crc32c) in rec["objects"].items()]
+        return [((rec["data"], k), meta[0], 1) for k, meta in rec["objects"].items()]
 
     def tag_index(self, durable: bool = True) -> ObjectTagIndex:
         return ObjectTagIndex(self)
