@@ -9,6 +9,8 @@ Methods:
                   every chunk, conditional PUT of the commit record
   raw PUT         obstore.put of the same bytes as 4 MiB objects, 16 in flight (the floor for any
                   client of this server: no encoding, no checksums, no commit)
+  cfs incr.       an incremental save: 1 of the 8 leaves differs from the run's previous checkpoint,
+                  the other chunks are copied server-side
   cfs load        load_checkpoint from a fresh manager (nothing cached): GET of every object,
                   CRC32C against the commit record and the chunk trailer, decode
   raw GET         obstore.get of the same 4 MiB objects, 16 in flight
@@ -80,9 +82,15 @@ def main() -> None:
         counter = iter(range(1 << 30))
         last = [""]
 
-        def cfs_save() -> None:
-            cid = mgr.create_checkpoint("bench", next(counter), state)
+        def cfs_save() -> None:  # a run of its own each time: no previous checkpoint to copy from
+            cid = mgr.create_checkpoint(f"bench{next(counter)}", 0, state)
             saved.append(cid)
+
+        changed = [{**state, "w0": state["w0"] + k} for k in (1, 2)]  # 1 of 8 leaves differs
+
+        def cfs_incremental() -> None:  # the run's previous checkpoint differs in one leaf
+            n = next(counter)
+            inc.append(mgr.create_checkpoint("inc", n, changed[n % 2]))
 
         def raw_put() -> None:
             n = next(counter)
@@ -101,18 +109,23 @@ def main() -> None:
         saved: list[str] = []
         puts: list[int] = []
 
+        inc: list[str] = []
+
         def cleanup(i: int) -> None:
             if i == 0 and len(saved) > 1:
                 mgr.delete_checkpoint(saved.pop(0))
             if i == 1 and len(puts) > 1:
                 n = puts.pop(0)
                 obstore.delete(raw, [f"{n}/{j}" for j in range(len(pieces))])
+            if i == 2 and len(inc) > 1:
+                mgr.delete_checkpoint(inc.pop(0))
 
-        save_t = interleaved([cfs_save, raw_put], args.repeats, cleanup)
+        save_t = interleaved([cfs_save, raw_put, cfs_incremental], args.repeats, cleanup)
         load_t = interleaved([cfs_load, raw_get], args.repeats)
         rows = [
             ("cfs save", save_t[0], "raw PUT"),
             ("raw PUT", save_t[1], None),
+            ("cfs incr.", save_t[2], "raw PUT"),
             ("cfs load", load_t[0], "raw GET"),
             ("raw GET", load_t[1], None),
         ]
