@@ -82,3 +82,69 @@ def _boto_kwargs() -> dict:
 
 def environ_with(server: S3Server) -> dict:
     return {**os.environ, **server.env}
+
+
+class DroppingProxy:
+    """A TCP proxy in front of the S3 server that forwards every request and, for those
+    ``drop(method, path)`` selects, lets the request land on the server but closes the
+    client's connection instead of relaying the response: the failure of a PUT whose
+    outcome the client cannot know."""
+
+    def __init__(self, port: int, drop) -> None:
+        self.backend_port, self.drop, self.dropped = port, drop, 0
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, status the server answered)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> DroppingProxy:
+        import socketserver
+        import threading
+
+        proxy = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while proxy._relay(self.rfile, self.connection):
+                    pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _relay(self, rfile, conn) -> bool:
+        import http.client
+
+        line = rfile.readline()
+        if not line:
+            return False
+        method, path, _ = line.decode("latin-1").split(" ", 2)
+        headers = []
+        while (h := rfile.readline()) not in (b"\r\n", b"\n", b""):
+            name, value = h.decode("latin-1").split(":", 1)
+            headers.append((name.strip(), value.strip()))
+        length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+        body = rfile.read(length) if length else None
+        backend = http.client.HTTPConnection("127.0.0.1", self.backend_port, timeout=60)
+        backend.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for k, v in headers:
+            backend.putheader(k, v)
+        backend.endheaders(body)
+        resp = backend.getresponse()
+        data = resp.read()
+        backend.close()
+        self.requests.append((method, path, resp.status))
+        if self.drop(method, path):
+            self.dropped += 1
+            return False  # the request landed; the client never hears back
+        out = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n".encode("latin-1")]
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                out.append(f"{k}: {v}\r\n".encode("latin-1"))
+        out.append(f"Content-Length: {len(data)}\r\n\r\n".encode("latin-1"))
+        conn.sendall(b"".join(out) + data)
+        return True

@@ -434,3 +434,32 @@ def test_incremental_saves_copy_unchanged_chunks_server_side(s3_url, s3_server):
     np.testing.assert_array_equal(out["frozen"], frozen)
     np.testing.assert_array_equal(out["x"], np.ones(1000))
     assert CheckpointManager(s3_url).verify_checkpoint(c2).ok
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_commit_record_put_whose_response_is_lost_counts_as_committed(s3_url, s3_server, retries):
+    """The record's PUT lands but its response never arrives (a real proxy closes the
+    connection): without retries the client sees a transport error, with retries its retry
+    gets 412; either way the record read back names this upload, so the save succeeds and
+    its objects stay (deleting them would leave a committed record naming nothing)."""
+    from s3server import DroppingProxy
+
+    def is_record_put(method: str, path: str) -> bool:
+        return method == "PUT" and "/.cfs-commits/" in path
+
+    def drop(method: str, path: str) -> bool:  # only the first response: a retry is answered
+        return is_record_put(method, path) and proxy.dropped == 0
+
+    with DroppingProxy(s3_server.port, drop) as proxy:
+        store = ObjectStore(
+            s3_url,
+            endpoint=proxy.endpoint,
+            retry_config={"max_retries": retries, "retry_timeout": timedelta(seconds=10)},
+        )
+        cid = CheckpointManager(store).create_checkpoint("lost", 1, {"x": np.arange(1000.0)})
+    assert proxy.dropped == 1
+    record_puts = [status for method, path, status in proxy.requests if is_record_put(method, path)]
+    assert record_puts == ([200] if retries == 0 else [200, 412])  # the retry hit the landed record
+    mgr = CheckpointManager(s3_url)
+    np.testing.assert_array_equal(mgr.load_checkpoint(cid)["state"]["x"], np.arange(1000.0))
+    assert mgr.verify_checkpoint(cid).ok
