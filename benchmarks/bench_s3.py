@@ -56,6 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--list-count", type=int, default=100, help="checkpoints to list through the latency proxy")
+    ap.add_argument("--rtt-ms", type=float, default=20.0, help="milliseconds the proxy adds to every request")
     args = ap.parse_args()
 
     from s3server import S3Server
@@ -138,6 +140,29 @@ def main() -> None:
             )
             rows += [("local save", local_t[0], None), ("local load", local_t[1], None)]
 
+        # listing through a proxy that adds a network round trip to every request (moto on
+        # loopback answers in ~1 ms, so on its own it cannot show what latency costs)
+        from s3server import DroppingProxy
+
+        from computable_flows_shim import ObjectStore
+
+        list_url = f"s3://{bucket}/list"
+        lister = CheckpointManager(list_url)
+        for i in range(args.list_count):
+            lister.create_checkpoint("l", i, {"x": np.arange(10.0)})
+        with DroppingProxy(srv.port, delay=args.rtt_ms / 1000) as proxy:
+
+            def list_with(sequential: bool):
+                def run() -> None:
+                    m = CheckpointManager(ObjectStore(list_url, endpoint=proxy.endpoint))
+                    if sequential:
+                        m.store.supports_rename = True  # the manager then reads one checkpoint at a time
+                    assert len(m.list_checkpoints()) == args.list_count
+
+                return run
+
+            list_t = interleaved([list_with(False), list_with(True)], args.repeats)
+
     med = {name: statistics.median(ts) for name, ts, _ in rows}
     print(f"\nstate: {leaves} float32 leaves, {args.size_mib} MiB; medians of {args.repeats} after a warm-up")
     print(f"{'method':<12} {'median s':>9} {'MiB/s':>8} {'vs':>9} {'ratio':>6}  all runs (s)")
@@ -148,6 +173,11 @@ def main() -> None:
             + " ".join(f"{t:.3f}" for t in ts)
         )
     print("ratio = reference time / cfs time (1.00x: as fast as plain PUTs/GETs of the same bytes)")
+    seq, par = statistics.median(list_t[1]), statistics.median(list_t[0])
+    print(f"\nlisting {args.list_count} checkpoints (a fresh manager), {args.rtt_ms:g} ms added to every request:")
+    print(f"  16 in flight      {par:7.3f} s   all runs: " + " ".join(f"{t:.3f}" for t in list_t[0]))
+    print(f"  one at a time     {seq:7.3f} s   all runs: " + " ".join(f"{t:.3f}" for t in list_t[1]))
+    print(f"  speed-up          {seq / par:7.1f}x")
 
 
 if __name__ == "__main__":

@@ -85,13 +85,13 @@ def environ_with(server: S3Server) -> dict:
 
 
 class DroppingProxy:
-    """A TCP proxy in front of the S3 server that forwards every request and, for those
-    ``drop(method, path)`` selects, lets the request land on the server but closes the
-    client's connection instead of relaying the response: the failure of a PUT whose
-    outcome the client cannot know."""
+    """A TCP proxy in front of the S3 server that forwards every request (after ``delay``
+    seconds: a network round trip) and, for those ``drop(method, path)`` selects, lets the
+    request land on the server but closes the client's connection instead of relaying the
+    response: the failure of a PUT whose outcome the client cannot know."""
 
-    def __init__(self, port: int, drop) -> None:
-        self.backend_port, self.drop, self.dropped = port, drop, 0
+    def __init__(self, port: int, drop=lambda method, path: False, delay: float = 0.0) -> None:
+        self.backend_port, self.drop, self.dropped, self.delay = port, drop, 0, delay
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status the server answered)
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -122,6 +122,8 @@ class DroppingProxy:
         line = rfile.readline()
         if not line:
             return False
+        if self.delay:
+            time.sleep(self.delay)  # a network round trip
         method, path, _ = line.decode("latin-1").split(" ", 2)
         headers = []
         while (h := rfile.readline()) not in (b"\r\n", b"\n", b""):

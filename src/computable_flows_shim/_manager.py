@@ -370,25 +370,36 @@ class CheckpointManager:
         """Committed checkpoints, newest first; damaged entries are skipped with a CheckpointWarning."""
         if run_id is not None:
             S.validate_run_id(run_id)
-        out = []
+        names = []
         for name in self.store.names():
             m = S.CHECKPOINT_ID_RE.match(name)
             if not m:
                 warnings.warn(f"{self.store}: skipping {name!r}, not a checkpoint id", CheckpointWarning, stacklevel=2)
                 continue
-            if run_id is not None and m.group("run") != run_id:
-                continue
+            if run_id is None or m.group("run") == run_id:
+                names.append(name)
+
+        def read(name: str) -> tuple[str, Any, BaseException | None]:
             try:
-                attrs = self._attrs(name)
-            except StoreUnavailableError:
-                raise  # not damage: skipping it would make an older checkpoint look like the latest
-            except CheckpointError as e:
+                return name, CheckpointInfo.from_attrs(self._attrs(name), self.store.url(name)), None
+            except (CheckpointError, FileNotFoundError) as e:  # judged below, in the caller's thread
+                return name, None, e
+
+        if self.store.supports_rename or len(names) < 2:
+            results = [read(n) for n in names]
+        else:  # an object store: each checkpoint costs a few requests; have 16 in flight
+            with ThreadPoolExecutor(max_workers=16, thread_name_prefix="cfs-list") as pool:
+                results = list(pool.map(read, names))
+        out = []
+        for name, info, err in results:
+            if err is None:
+                out.append(info)
+            elif isinstance(err, StoreUnavailableError):
+                raise err  # not damage: skipping it would make an older checkpoint look like the latest
+            elif isinstance(err, CheckpointError) and not isinstance(err, CheckpointNotFoundError):
                 if self.store.exists(name):  # else deleted while listing, not damaged
-                    warnings.warn(f"skipping damaged checkpoint: {e}", CheckpointWarning, stacklevel=2)
-                continue
-            except FileNotFoundError:
-                continue  # deleted while listing
-            out.append(CheckpointInfo.from_attrs(attrs, self.store.url(name)))
+                    warnings.warn(f"skipping damaged checkpoint: {err}", CheckpointWarning, stacklevel=2)
+            # FileNotFoundError, CheckpointNotFoundError: deleted while listing
         out.sort(key=lambda i: (i.created_at, i.iteration, i.checkpoint_id), reverse=True)
         return out
 
