@@ -429,6 +429,10 @@ def test_incremental_saves_copy_unchanged_chunks_server_side(s3_url, s3_server):
     assert (
         rec1["data"] != rec2["data"] and rec2["objects"]["state/frozen/c.0.0"] == rec1["objects"]["state/frozen/c.0.0"]
     )
+    # a manager that did not make the previous checkpoint finds it by listing
+    other = CheckpointManager(s3_url)
+    other.create_checkpoint("inc", 3, {"frozen": frozen, "x": np.full(1000, 2.0)})
+    assert other.store.last_upload["objects_copied"] == 3
     assert mgr.delete_checkpoint(c1)
     out = CheckpointManager(s3_url).load_checkpoint(c2)["state"]
     np.testing.assert_array_equal(out["frozen"], frozen)

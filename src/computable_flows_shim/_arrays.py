@@ -444,7 +444,7 @@ def _check_crc(data_crc: int, trailer: bytes, expected: int, where: str) -> None
 def _open_nofollow(path: str, where: str) -> tuple[Any, int]:
     """A chunk file opened for reading, with its size.  A chunk of a mirrored remote
     checkpoint is read from the store into memory (it is read once: no file is written)."""
-    if _MIRRORS and not os.path.lexists(path) and (hit := mirror_of(path)) is not None:
+    if _MIRRORS and (hit := mirror_of(path)) is not None and not os.path.lexists(path):
         data = hit[0].read(hit[1])
         if data is not None:
             return io.BytesIO(data), len(data)

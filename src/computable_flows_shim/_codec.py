@@ -10,7 +10,6 @@ checking everything and naming the leaf and chunk of any damage.  Committing
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from ._arrays import (
     TARGET_CHUNK_BYTES,
     Layout,
     array_metadata,
+    chunk_buffers,
     group_metadata,
     mirror_of,
     open_regular,
@@ -373,21 +373,18 @@ def make_dirs(dirpath: str, prepared: Prepared) -> None:
 def _write_block(
     arr: _Array, index: tuple[slice, ...], data: Any, adir: str, durable: bool, bases: dict
 ) -> list[tuple[tuple[int, ...], int, int]]:
-    """Write the chunks of one shard block (chunks nest in blocks) from that shard alone,
-    copied to host here; returns ``(coords, crc32c, bytes written)`` per chunk."""
-    host = np.asarray(data)  # this shard only, never the global array
+    """Write the chunks of one shard block from that shard alone, copied to host here;
+    returns ``(coords, crc32c, bytes written)`` per chunk.  Chunks nest in blocks, so the
+    block is an array of its own with the same chunk shape, offset in the chunk grid."""
+    host = np.require(np.asarray(data), requirements="C")  # this shard only, never the global array
     layout = arr.layout
-    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, layout.chunk_shape)]
+    block = Layout(host.shape, layout.dtype, layout.chunk_shape, layout.separator)
+    offset = [s.start // c for s, c in zip(index, layout.chunk_shape)]
     out = []
-    for coords in itertools.product(*ranges):
-        region = layout.region(coords)
-        part = host[tuple(slice(r.start - s.start, r.stop - s.start) for r, s in zip(region, index))]
-        if part.shape != layout.chunk_shape:  # an edge chunk: Zarr stores it at full chunk shape
-            full = np.zeros(layout.chunk_shape, dtype=host.dtype)
-            full[tuple(slice(0, n) for n in part.shape)] = part
-            part = full
-        buf = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
-        crc, n = store_chunk([buf.data], os.path.join(adir, layout.key(coords)), durable, bases.get(coords))
+    for local in block.coords():
+        coords = tuple(o + c for o, c in zip(offset, local))
+        path = os.path.join(adir, layout.key(coords))
+        crc, n = store_chunk(chunk_buffers(host, block, local), path, durable, bases.get(coords))
         out.append((coords, crc, n))
     return out
 
@@ -396,6 +393,11 @@ def _write_one(
     data: np.ndarray, layout: Layout, coords: tuple[int, ...], adir: str, durable: bool, base: tuple[str, int] | None
 ) -> list[tuple[tuple[int, ...], int, int]]:
     return [(coords, *write_chunk(data, layout, coords, adir, durable, base))]
+
+
+def _chunk_weight(arr: _Array) -> int:
+    """Bytes of one chunk (16 per string for text: a guess, for batching only)."""
+    return math.prod(arr.layout.chunk_shape) * (arr.data.itemsize if arr.layout.dtype is not None else 16)
 
 
 def write_chunks(
@@ -418,7 +420,7 @@ def write_chunks(
             continue
         adir = os.path.join(dirpath, *arr.path.split("/"))
         bases = _base_chunks(base_dir, arr)
-        size = math.prod(arr.layout.chunk_shape) * (arr.data.itemsize if arr.layout.dtype is not None else 16)
+        size = _chunk_weight(arr)
         if isinstance(arr.data, ShardedData):
             by_coords = dict(zip(arr.layout.coords(), bases))
             for index, data in arr.data.blocks:
@@ -434,7 +436,7 @@ def write_chunks(
     stats = WriteStats()
     crcs: dict[str, dict[int, int]] = {a.path: {} for a in owners}
     for arr, written in zip(owners, results):
-        csize = math.prod(arr.layout.chunk_shape) * (arr.data.itemsize if arr.layout.dtype is not None else 16)
+        csize = _chunk_weight(arr)
         for coords, crc, n in written:
             crcs[arr.path][int(np.ravel_multi_index(coords, arr.layout.grid)) if coords else 0] = crc
             stats.bytes_written += n

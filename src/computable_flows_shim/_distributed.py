@@ -160,7 +160,7 @@ def save(
     pid, nproc = jax.process_index(), jax.process_count()
     prefix = f"cfs/save/{next(_SEQ)}/{cid}"
     what = f"multi-process save of checkpoint {cid!r} (process {pid} of {nproc})"
-    durable = mgr.durable and store.staging_is_final
+    durable = mgr._fsync_staging
     own_error: BaseException | None = None
     stats = _codec.WriteStats()
 

@@ -230,6 +230,12 @@ class CheckpointManager:
             self._pending = self._saver.submit(job)
         return cid
 
+    @property
+    def _fsync_staging(self) -> bool:
+        """Whether a save fsyncs what it writes into the staging area: for durability, where
+        those files are the committed bytes (not where the store uploads them elsewhere)."""
+        return self.durable and self.store.staging_is_final
+
     def _base_dir(self, run_id: str) -> str | None:
         """The run's most recent checkpoint (for incremental saves), from names alone."""
         last = self._last_saved.get(run_id)
@@ -242,8 +248,7 @@ class CheckpointManager:
 
     def _save(self, run_id: str, cid: str, prepared: _codec.Prepared, base_dir: str | None) -> None:
         stats: list[_codec.WriteStats] = []
-        durable = self.durable and self.store.staging_is_final
-        self._write(cid, lambda tmp: stats.append(_codec.write_group(tmp, prepared, durable, base_dir)))
+        self._write(cid, lambda tmp: stats.append(_codec.write_group(tmp, prepared, self._fsync_staging, base_dir)))
         self.last_save_stats = stats[0]
         self._last_saved[run_id] = cid
         if self.retention is not None:  # runs in the saver thread for blocking=False; its failure surfaces alike
@@ -303,8 +308,7 @@ class CheckpointManager:
             },
         }
         new[S.A_TELEMETRY_SUMMARY] = {**attrs.get(S.A_TELEMETRY_SUMMARY, {}), "total_iterations": int(it)}
-        durable = self.durable and self.store.staging_is_final
-        return self._write(cid, lambda tmp: _codec.link_group(src, tmp, new, durable))
+        return self._write(cid, lambda tmp: _codec.link_group(src, tmp, new, self._fsync_staging))
 
     # ------------------------------------------------------------ reading
     def _dir(self, checkpoint_id: CheckpointId) -> str:

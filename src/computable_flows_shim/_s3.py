@@ -147,10 +147,8 @@ def _parse_record(raw: bytes, name: str, where: str) -> dict:
     for key in keys:
         parts = key.split("/")
         for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in keys:
-                raise CheckpointFormatError(
-                    f"{where}: commit record names {'/'.join(parts[:i])!r} as an object and a prefix"
-                )
+            if (prefix := "/".join(parts[:i])) in keys:
+                raise CheckpointFormatError(f"{where}: commit record names {prefix!r} as an object and a prefix")
     return rec
 
 
@@ -197,6 +195,7 @@ class ObjectStore(Store):
         os.mkdir(self._parts)
         self._mirrors: set[str] = set()
         self._recs: dict[str, dict] = {}
+        self._last_records: dict[str, dict] = {}  # run id -> the record this store committed last
         self.last_upload: dict[str, int] = {}
         """Objects PUT and copied server-side (unchanged chunks) by this process's last upload."""
         self.objects_read = 0
@@ -437,12 +436,11 @@ class ObjectStore(Store):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _commit(self, name: str, token: str, tmp: str, extra_objects: dict[str, list[int]]) -> None:
-        if self.exists(name):
-            raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self}")
+        # no existence check here: the manager checked before writing, and the record's
+        # conditional PUT settles any race (a HEAD here would cost a request and prove nothing)
         data, marker = f"{name}/{token}", self._marker_key(name, token)
-        for key, meta in extra_objects.items():
-            if not _safe_key(key) or key == "zarr.json" or not isinstance(meta, list) or len(meta) not in (2, 3):
-                raise CheckpointWriteError(f"saving checkpoint {name!r}: bad object entry {key!r}: {meta!r}")
+        if "zarr.json" in extra_objects:
+            raise CheckpointWriteError(f"saving checkpoint {name!r}: only the committing process writes the root")
         objects = {**extra_objects, **self._upload_files(tmp, data, base=self._base_record(name))}
         record = {
             "format": S.COMMIT_RECORD_FORMAT,
@@ -453,12 +451,20 @@ class ObjectStore(Store):
             "committed_at": _iso(time.time()),
             "objects": objects,
         }
+        body = json.dumps(record, separators=(",", ":")).encode()
+        try:  # what readers will check, checked before it is published (other processes' entries too)
+            _parse_record(body, name, f"{self.root_url}/{self._record_key(name)}")
+        except CheckpointError as e:
+            raise CheckpointWriteError(f"saving checkpoint {name!r}: {e}") from None
         if not self._head(marker):
             raise CheckpointWriteError(
                 f"saving checkpoint {name!r}: the upload outlived its lease ({self.upload_lease:g} s) and "
                 "another manager's cleanup removed it; nothing was committed"
             )
-        self._put_record(name, token, json.dumps(record, separators=(",", ":")).encode())
+        self._put_record(name, token, body)
+        m = S.CHECKPOINT_ID_RE.match(name)
+        if m is not None:
+            self._last_records[m.group("run")] = record
 
     def _upload_files(self, tmp: str, data: str, root: bool = True, base: dict | None = None) -> dict[str, list]:
         """PUT every file under ``tmp`` (in parallel; the root zarr.json last, required when
@@ -503,10 +509,15 @@ class ObjectStore(Store):
         return objects
 
     def _base_record(self, name: str) -> dict | None:
-        """The commit record of the run's latest other checkpoint (for an incremental save)."""
+        """The commit record of the run's latest other checkpoint (for an incremental save):
+        the one this store committed last for the run while it is still there (the usual case:
+        one manager saving a run), else found by listing the records."""
         m = S.CHECKPOINT_ID_RE.match(name)
         if m is None:
             return None
+        last = self._last_records.get(m.group("run"))
+        if last is not None and last["checkpoint_id"] != name and self._head(self._record_key(last["checkpoint_id"])):
+            return last  # if it was re-created meanwhile, its copies fail and the chunks are PUT
         ids = [
             (int(x.group("it")), n)
             for n in self.names()
