@@ -17,7 +17,6 @@ the staging directory (its lock released) is removed by the next stale cleanup.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +24,7 @@ import time
 
 import numpy as np
 import pytest
+from s3server import free_port
 
 from computable_flows_shim import CheckpointManager
 
@@ -132,12 +132,6 @@ def _env(local_devices=2, **extra):
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 _LIVE: list[subprocess.Popen] = []
 
 
@@ -153,7 +147,7 @@ def _kill_leftovers():
 
 
 def launch(code, n, store, mode, local_devices=2, **extra):
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code), str(i), str(n), str(port), str(store), mode],
