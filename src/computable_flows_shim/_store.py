@@ -7,7 +7,9 @@ writes into ``.cfs-staging/<token>/`` on the same file system while holding an
 the directory is renamed to ``<checkpoint_id>`` with ``RENAME_NOREPLACE`` (never
 replacing a committed checkpoint); then the store directory is fsynced.  A
 staging directory whose lock nobody holds belongs to a dead writer and is the
-only thing stale-cleanup removes.
+only thing stale-cleanup removes; a cleaner removes a lock file only while
+holding its lock, and a writer checks before it locks and before it commits
+that the lock it holds is still the file on disk.
 """
 
 from __future__ import annotations
@@ -179,12 +181,9 @@ class LocalDirectoryStore(Store):
             lock = os.path.join(self._staging_root, token + ".lock")
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                    return token, fd
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # a cleaner took the file between create and lock: retry
+            if _is_file_of(lock, fd):
+                return token, fd
+            os.close(fd)  # a cleaner removed the file between create and lock: start again, under a new token
 
     @contextmanager
     def staging(self, name: str, durable: bool = True) -> Iterator[tuple[str, Callable[..., None]]]:  # type: ignore[override]
@@ -196,6 +195,11 @@ class LocalDirectoryStore(Store):
 
         def commit(extra_objects: object = None) -> None:  # other processes' files are in tmp already
             nonlocal committed
+            if not _is_file_of(lock, fd):  # cleanup took the staging for abandoned: never publish what is left
+                raise CheckpointWriteError(
+                    f"saving checkpoint {name!r}: the lock of its staging directory {tmp} was removed while "
+                    "writing (by a stale cleanup that does not honour held locks?); nothing was committed"
+                )
             try:
                 rename_noreplace(tmp, self.path(name))
             except FileExistsError:
@@ -259,38 +263,58 @@ class LocalDirectoryStore(Store):
 
     def cleanup_stale(self) -> int:
         removed = 0
-        for base in (self._staging_root, self._trash_root):
-            if not os.path.isdir(base):
-                continue
-            for entry in sorted(os.listdir(base)):
-                path = os.path.join(base, entry)
-                if base == self._trash_root:
+        if os.path.isdir(self._trash_root):
+            for entry in sorted(os.listdir(self._trash_root)):
+                shutil.rmtree(os.path.join(self._trash_root, entry), ignore_errors=True)
+                removed += 1
+        if not os.path.isdir(self._staging_root):
+            return removed
+        for entry in sorted(os.listdir(self._staging_root)):  # "<token>" sorts before "<token>.lock"
+            path = os.path.join(self._staging_root, entry)
+            lock = path if entry.endswith(".lock") else path + ".lock"
+            fd = self._claim(lock)
+            if fd is None:
+                continue  # a live writer holds it
+            try:
+                if not entry.endswith(".lock"):
                     shutil.rmtree(path, ignore_errors=True)
                     removed += 1
-                    continue
-                lock = path if entry.endswith(".lock") else path + ".lock"
-                if self._abandoned(lock):
-                    if not entry.endswith(".lock"):
-                        shutil.rmtree(path, ignore_errors=True)
-                        removed += 1
-                    try:
-                        os.unlink(lock)
-                    except FileNotFoundError:
-                        pass
+                # Unlinked while we still hold its flock: a writer that takes the lock after we let go
+                # finds its file gone and starts again under a new token (``_lock``).  Unlinking after
+                # letting go would leave such a writer holding a lock on a file nobody can see, and the
+                # next cleanup would delete its staging directory under it
+                # (tests/reliability/test_cleanup_race.py).
+                try:
+                    os.unlink(lock)
+                except FileNotFoundError:
+                    pass
+            finally:
+                if fd >= 0:
+                    os.close(fd)
         return removed
 
     @staticmethod
-    def _abandoned(lock: str) -> bool:
-        """True when no live process holds ``lock`` (or it is gone: writers only
-        remove their lock after their staging directory is gone)."""
+    def _claim(lock: str) -> int | None:
+        """Take ``lock`` if no live process holds it: its fd, held (the caller closes it), or -1
+        when the file is gone; None when a live writer holds it.  A staging directory without
+        its lock file is abandoned: writers remove their lock file only after their staging
+        directory, and cleaners only while holding its lock."""
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            return True
+            return -1
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return False
-        os.close(fd)  # releases the lock; the writer is dead
-        return True
+            return None
+        return fd
+
+
+def _is_file_of(path: str, fd: int) -> bool:
+    """Whether ``path`` names the very file open as ``fd`` (not removed, not replaced)."""
+    try:
+        st, fst = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
