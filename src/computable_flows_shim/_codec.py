@@ -43,6 +43,7 @@ from ._arrays import (
     read_json_raw,
     slab_chunk_shape,
     store_chunk,
+    sync_file,
     write_chunk,
     write_file,
 )
@@ -526,6 +527,8 @@ def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> Non
             if f == "zarr.json" and S.A_METADATA_CRCS not in attrs:  # a source written before checksums
                 crcs[os.path.relpath(s, src).replace(os.sep, "/")] = _crc32c(read_json_raw(s, src)[1])
             try:
+                if durable:  # the source may have been saved with durable=False: never link unsynced data
+                    sync_file(s)
                 os.link(s, d, follow_symlinks=False)
             except OSError:
                 shutil.copyfile(s, d, follow_symlinks=False)
