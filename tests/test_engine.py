@@ -133,3 +133,26 @@ def test_last_good_tag_moves_to_the_newest_green_checkpoint(tmp_path, example):
     with pytest.raises(FlowDivergedError):
         run_flow(red, y, iters=3000, checkpoint_manager=mgr, run_id="red", checkpoint_interval=10)
     assert mgr.tagged("last-good", run_id="red") == {}
+
+
+@pytest.mark.parametrize("signal_after", [99, 129], ids=["on-a-checkpoint-step", "between-checkpoints"])
+def test_a_signal_stops_the_run_and_its_checkpoint_says_so(tmp_path, example, signal_after):
+    """SIGINT delivered for real during iteration ``signal_after + 1``: the run checkpoints that
+    iteration and stops, and the checkpoint's events end in RUN_INTERRUPTED, CHECKPOINT_CREATED
+    whether or not the step was a periodic checkpoint anyway."""
+    import signal
+
+    spec, y, _ = example
+    mgr = CheckpointManager(tmp_path / "s")
+
+    def progress(p):
+        if p["iter"] == signal_after:
+            signal.raise_signal(signal.SIGINT)
+
+    r = run_flow(spec, y, iters=300, checkpoint_manager=mgr, checkpoint_interval=50, run_id="r", progress=progress)
+    stop = signal_after + 1
+    assert r.status == "interrupted" and r.iteration == stop and r.signal == signal.SIGINT
+    assert r.last_checkpoint == f"r-i{stop:012d}"
+    events = mgr.load_checkpoint(r.last_checkpoint)["telemetry"]["events"]
+    assert [e["type"] for e in events][-2:] == ["RUN_INTERRUPTED", "CHECKPOINT_CREATED"], events
+    assert events[-2]["iter"] == stop and events[-2]["payload"]["signal"] == "SIGINT"

@@ -186,7 +186,7 @@ def _loop(
                 )
             stop = sigs.received is not None
             if it % interval == 0 or it == end or stop:
-                if stop and it % interval != 0 and it != end:
+                if stop and it != end:  # on a checkpoint step too: the checkpoint says why the run stopped
                     rec.event("RUN_INTERRUPTED", it, signal=signal.Signals(sigs.received).name)  # type: ignore[arg-type]
                 if it == end:
                     rec.event("RUN_FINISHED", it)

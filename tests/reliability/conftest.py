@@ -37,6 +37,9 @@ def add(fig: dict, key: str, n: int) -> None:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _FIGURES:
         return
+    if exitstatus != 0:  # a failed scenario's counts describe nothing that was shown: withhold all of them
+        terminalreporter.write_sep("=", "reliability figures withheld: the run did not pass")
+        return
     terminalreporter.write_sep("=", "reliability figures")
     for scenario, figs in _FIGURES.items():
         terminalreporter.write_line(f"{scenario}:")
