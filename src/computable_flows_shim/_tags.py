@@ -28,6 +28,7 @@ class TagIndex:
         if not isinstance(root, str):
             raise NotImplementedError(f"tags need a store with a local root directory, not {store!r}")
         self.root = os.path.join(root, S.TAGS_DIR)
+        self._store_root = root
         self._trash = os.path.join(root, S.TRASH_DIR)
         self.durable = durable
 
@@ -48,8 +49,11 @@ class TagIndex:
                 continue  # a delete moved the directory away between makedirs and open: make it again
             os.close(fd)
             if self.durable:
-                fsync_dir(d)
-                fsync_dir(self.root)
+                # every directory on the way down, the store's too: makedirs may have just created
+                # .cfs-tags, whose entry is lost in a power cut until the store directory is synced
+                # (found by tests/reliability/test_power_loss.py)
+                for path in (d, self.root, self._store_root):
+                    fsync_dir(path)
             return True
 
     def remove(self, checkpoint_id: CheckpointId, tag: str) -> bool:
