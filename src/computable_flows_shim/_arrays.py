@@ -330,15 +330,6 @@ def _same_file_bytes(path: str, bufs: list, sync: bool = False) -> bool:
     return True
 
 
-def sync_file(path: str) -> None:
-    """Make an existing file's data durable (fdatasync through a read-only descriptor)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_chunk(
     array: np.ndarray,
     layout: Layout,

@@ -10,12 +10,13 @@ checking everything and naming the leaf and chunk of any damage.  Committing
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 import os
 import re
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -37,17 +38,18 @@ from ._arrays import (
     mirror_of,
     open_regular,
     parse_array,
+    read_chunk,
     read_chunk_into,
     read_failed,
     read_json,
     read_json_raw,
     slab_chunk_shape,
     store_chunk,
-    sync_file,
     write_chunk,
     write_file,
 )
 from ._dtypes import EXTENSION_NAMES
+from ._io import POOL, REMOTE_POOL, fsync_dir, run_all, run_batched, sync_file
 from ._tree import (
     KEY_IMPLS,
     Leaf,
@@ -71,54 +73,6 @@ from .errors import (
 
 TELEMETRY_CHUNK = 65536
 """Samples per telemetry chunk."""
-_POOL = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="cfs-io")
-_REMOTE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="cfs-fetch")
-"""Reads of a remote checkpoint's chunks wait on the network, not the CPU: more in flight."""
-
-
-def _run_all(tasks: list[Callable[[], Any]], pool: ThreadPoolExecutor = _POOL) -> list[Any]:
-    """Run ``tasks`` on the I/O pool; the first failure cancels the rest and is raised."""
-    if len(tasks) <= 1:
-        return [t() for t in tasks]
-    futures: list[Future] = [pool.submit(t) for t in tasks]
-    try:
-        return [f.result() for f in futures]
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        for f in futures:
-            if not f.cancelled():
-                try:
-                    f.result()
-                except BaseException:
-                    pass
-        raise
-
-
-def _run_batched(tasks: list[Callable[[], Any]], weights: list[int] | None = None) -> list[Any]:
-    """Like :func:`_run_all`, packing small tasks into batches (up to 64 tasks or 4 MiB of
-    ``weights``) so that thousands of tiny leaves do not pay a thread hand-off each."""
-    weights = weights or [0] * len(tasks)
-    batches: list[list[Callable[[], Any]]] = [[]]
-    load = 0
-    for t, w in zip(tasks, weights):
-        if batches[-1] and (len(batches[-1]) >= 64 or load + w > TARGET_CHUNK_BYTES):
-            batches.append([])
-            load = 0
-        batches[-1].append(t)
-        load += w
-    results = _run_all([partial(lambda ts: [t() for t in ts], b) for b in batches if b])
-    return [r for batch in results for r in batch]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _dump(doc: dict) -> bytes:
     # compact: json's C encoder only runs without indent (10x faster on large consolidated docs)
     return json.dumps(doc, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
@@ -222,7 +176,7 @@ class ShardedData:
 
     def snapshot(self) -> ShardedData:
         """The same blocks copied to host memory (an async save's snapshot): shard by shard."""
-        copies = _run_batched(
+        copies = run_batched(
             [partial(np.array, d, copy=True) for _, d in self.blocks],
             [math.prod(s.stop - s.start for s in i) * self.itemsize for i, _ in self.blocks],
         )
@@ -313,7 +267,7 @@ class Prepared:
         if copy:  # the snapshot of an async save: numpy copies release the GIL, so copy in parallel
             plain = [a for a in arrays if not isinstance(a.data, ShardedData)]
             sizes = [a.data.nbytes for a in plain]
-            copies = _run_batched([partial(np.array, a.data, copy=True) for a in plain], sizes)
+            copies = run_batched([partial(np.array, a.data, copy=True) for a in plain], sizes)
             for a, c in zip(plain, copies):
                 a.data = c
             for a in arrays:
@@ -368,7 +322,7 @@ def make_dirs(dirpath: str, prepared: Prepared) -> None:
     for g in sorted(_groups(prepared.arrays), key=lambda p: p.count("/")):
         if g:
             os.mkdir(os.path.join(dirpath, *g.split("/")))
-    _run_batched([partial(os.mkdir, os.path.join(dirpath, *a.path.split("/"))) for a in prepared.arrays])
+    run_batched([partial(os.mkdir, os.path.join(dirpath, *a.path.split("/"))) for a in prepared.arrays])
 
 
 def _write_block(
@@ -433,7 +387,7 @@ def write_chunks(
             tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base))
             weights.append(size)
             owners.append(arr)
-    results = _run_batched(tasks, weights)
+    results = run_batched(tasks, weights)
     stats = WriteStats()
     crcs: dict[str, dict[int, int]] = {a.path: {} for a in owners}
     for arr, written in zip(owners, results):
@@ -487,12 +441,12 @@ def write_metadata(dirpath: str, prepared: Prepared, crcs: dict[str, dict[int, i
     raw = {p: _dump(d) for p, d in docs.items()}
     meta_crcs = {f"{p}/zarr.json": _crc32c(b) for p, b in raw.items()}
     raw[""] = root_bytes({**attrs, S.A_METADATA_CRCS: meta_crcs}, consolidated(""))
-    _run_batched(
+    run_batched(
         [partial(write_file, os.path.join(dirpath, *p.split("/"), "zarr.json"), [b], durable) for p, b in raw.items()]
     )
     if durable:
         dirs = sorted(groups | {a.path for a in arrays}, key=lambda p: p.count("/"))
-        _run_batched([partial(_fsync_dir, os.path.join(dirpath, *d.split("/"))) for d in dirs])
+        run_batched([partial(fsync_dir, os.path.join(dirpath, *d.split("/"))) for d in dirs])
 
 
 def write_group(dirpath: str, prepared: Prepared, durable: bool = True, base_dir: str | None = None) -> WriteStats:
@@ -543,7 +497,7 @@ def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> Non
     # the other metadata files are the source's, so its checksums of them still hold
     write_file(os.path.join(dirpath, "zarr.json"), [root_bytes(attrs, None)], durable)
     if durable:
-        _run_all([partial(_fsync_dir, d) for d in dirs])
+        run_all([partial(fsync_dir, d) for d in dirs])
 
 
 # ---------------------------------------------------------------- reading
@@ -719,6 +673,81 @@ def open_array(root: str, relpath: str, where: str) -> StoredArray:
     return StoredArray(where, dirpath, layout, chunk_crcs, attrs)
 
 
+def _normalize_index(key: Any, shape: tuple[int, ...], name: str) -> list[int | slice]:
+    key = key if isinstance(key, tuple) else (key,)
+    if sum(k is Ellipsis for k in key) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
+    if len(key) > len(shape):
+        raise IndexError(f"too many indices for array: array is {len(shape)}-dimensional, {len(key)} were indexed")
+    key = key + (slice(None),) * (len(shape) - len(key))
+    out: list[int | slice] = []
+    for d, (k, n) in enumerate(zip(key, shape)):
+        if isinstance(k, slice):
+            out.append(k)
+            continue
+        try:
+            i = operator.index(k)
+        except TypeError:
+            raise TypeError(
+                f"{name}: LazyArray supports ints, slices and '...', got {type(k).__name__}"
+            ) from None
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of bounds for axis {d} with size {n}")
+        out.append(i % n)
+    return out
+
+
+def read_region(stored: StoredArray, key: Any, name: str) -> tuple[np.ndarray, int]:
+    """``stored[key]`` for basic indexing (ints, slices with steps, ``...``), reading and
+    checking only the chunks it touches; returns the result and how many chunks were read."""
+    shape = stored.layout.shape
+    idx = _normalize_index(key, shape, name)
+    layout = stored.layout
+    dtype = layout.dtype if layout.dtype is not None else np.dtype(object)
+    chunks_read = 0
+    ranges = [range(k, k + 1) if isinstance(k, int) else range(*k.indices(n)) for k, n in zip(idx, shape)]
+    box_lo = [min(r[0], r[-1]) if len(r) else 0 for r in ranges]
+    box_hi = [max(r[0], r[-1]) + 1 if len(r) else 0 for r in ranges]
+    buf = np.empty([hi - lo for lo, hi in zip(box_lo, box_hi)], dtype=dtype)
+    if buf.size:
+        per_dim: list[Sequence[int]] = []
+        for r, c in zip(ranges, layout.chunk_shape):
+            if abs(r.step) <= c:
+                lo, hi = min(r[0], r[-1]), max(r[0], r[-1])
+                per_dim.append(range(lo // c, hi // c + 1))
+            else:
+                per_dim.append(sorted({i // c for i in r}))
+        crc_index: dict[tuple[int, ...], int] = {c: i for i, c in enumerate(layout.coords())}
+        for coords in itertools.product(*per_dim):
+            chunk = read_chunk(layout, coords, stored.dirpath, stored.crcs[crc_index[coords]], stored.where)
+            chunks_read += 1
+            region = layout.region(coords)
+            src, dst = [], []
+            for s, lo, hi in zip(region, box_lo, box_hi):
+                a, b = max(s.start, lo), min(s.stop, hi)
+                src.append(slice(a - s.start, b - s.start))
+                dst.append(slice(a - lo, b - lo))
+            buf[tuple(dst)] = chunk[tuple(src)]
+    rel = tuple(_relative(k, r, lo) for k, r, lo in zip(idx, ranges, box_lo))
+    out = buf[rel]
+    # numpy gives a 0-d array (not a scalar) for a[...]; so do we
+    has_ellipsis = key is Ellipsis or (isinstance(key, tuple) and any(k is Ellipsis for k in key))
+    return (np.asarray(out) if has_ellipsis else out), chunks_read
+
+
+def _relative(k: int | slice, r: range, lo: int) -> int | slice:
+    """Index ``k`` (covering ``r``) re-expressed inside a buffer that starts at ``lo``."""
+    if isinstance(k, int):
+        return k - lo
+    if not len(r):
+        return slice(0, 0)
+    stop = r[-1] - lo + (1 if r.step > 0 else -1)
+    return slice(r.start - lo, stop if stop >= 0 else None, r.step)
+
+
 def check_group_metadata(dirpath: str, prefix: str, skip: set[str], where: str) -> None:
     """Check every checksummed zarr.json under ``prefix`` that is not in ``skip`` (the group
     documents a load does not otherwise read): a load detects damage anywhere in the
@@ -756,7 +785,7 @@ def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
     outs = [a.empty(backed=True) for a in arrays]
     tasks = [t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)]
     # chunks of a remote checkpoint are fetched by these tasks: many requests in flight
-    _run_all(tasks, _REMOTE_POOL if any(mirror_of(a.dirpath) for a in arrays) else _POOL)
+    run_all(tasks, REMOTE_POOL if any(mirror_of(a.dirpath) for a in arrays) else POOL)
     return outs
 
 
@@ -832,10 +861,10 @@ def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None
             continue
         if kp in sharded:
             # each device reads only the chunks its shard touches: the whole array is never on the host
-            from ._view import LazyArray
+            def region(index: Any, s: StoredArray = s, kp: tuple = kp) -> np.ndarray:
+                return read_region(s, index, keystr(kp))[0]
 
-            lazy = LazyArray(s, keystr(kp))
-            leaves.append(jax.make_array_from_callback(s.layout.shape, expected.sharding, lazy.__getitem__))
+            leaves.append(jax.make_array_from_callback(s.layout.shape, expected.sharding, region))
             continue
         v = _finish_leaf(node, arrays[id(s)], s, kp, checkpoint)
         if isinstance(expected, (jax.Array, jax.ShapeDtypeStruct)):

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import _spec as S
+from ._records import CheckpointInfo
 from ._types import CheckpointId, RunId, Step
 
 if TYPE_CHECKING:
-    from ._manager import CheckpointInfo, CheckpointManager
+    from ._manager import CheckpointManager
 
 
 @dataclass(frozen=True)

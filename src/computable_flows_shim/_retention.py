@@ -26,12 +26,10 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from ._records import CheckpointInfo
 from ._types import CheckpointId, RunId
-
-if TYPE_CHECKING:
-    from ._manager import CheckpointInfo
 
 Tags = Mapping[CheckpointId, frozenset[str]]
 Reasons = dict[CheckpointId, tuple[str, ...]]

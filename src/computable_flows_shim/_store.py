@@ -27,6 +27,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from . import _spec as S
+from ._io import fsync_dir
+from ._tags import TagIndex
 from .errors import CheckpointExistsError, CheckpointWriteError
 
 
@@ -71,11 +73,9 @@ class Store(abc.ABC):
                 out.append(((st.st_dev, st.st_ino), st.st_size, st.st_nlink))
         return out
 
+    @abc.abstractmethod
     def tag_index(self, durable: bool = True) -> Any:
         """The store's tags (a ``TagIndex``-like object: add/remove/of/all/drop)."""
-        from ._tags import TagIndex
-
-        return TagIndex(self, durable)
 
     @abc.abstractmethod
     def exists(self, name: str) -> bool: ...
@@ -135,14 +135,6 @@ def rename_noreplace(src: str, dst: str) -> None:
         if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise FileExistsError(e.errno, e.strerror, dst) from None
         raise
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalDirectoryStore(Store):
@@ -235,6 +227,9 @@ class LocalDirectoryStore(Store):
                 except FileNotFoundError:
                     pass
                 os.close(fd)
+
+    def tag_index(self, durable: bool = True) -> TagIndex:
+        return TagIndex(self.root, durable)
 
     def staging_ref(self, tmp: str) -> str:
         return os.path.relpath(tmp, self._staging_root)

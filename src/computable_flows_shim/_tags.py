@@ -16,17 +16,14 @@ import secrets
 import shutil
 
 from . import _spec as S
-from ._store import Store, fsync_dir
+from ._io import fsync_dir
 from ._types import CheckpointId
 
 
 class TagIndex:
     """The tags of one local store (see the module docstring for the layout)."""
 
-    def __init__(self, store: Store, durable: bool = True) -> None:
-        root = getattr(store, "root", None)
-        if not isinstance(root, str):
-            raise NotImplementedError(f"tags need a store with a local root directory, not {store!r}")
+    def __init__(self, root: str, durable: bool = True) -> None:
         self.root = os.path.join(root, S.TAGS_DIR)
         self._store_root = root
         self._trash = os.path.join(root, S.TRASH_DIR)

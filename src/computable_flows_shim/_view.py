@@ -4,11 +4,9 @@ and its telemetry as an ``xarray.Dataset``."""
 
 from __future__ import annotations
 
-import itertools
 import math
-import operator
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -16,7 +14,6 @@ import numpy as np
 
 from . import _codec
 from . import _spec as S
-from ._arrays import read_chunk
 from ._tree import keystr, scalar_value, unflatten
 from ._types import PyTree
 from .errors import CheckpointCorruptError, CheckpointNotFoundError
@@ -92,74 +89,11 @@ class LazyArray:
 
         return lazy_array_to_dask(self)
 
-    def _normalize(self, key: Any) -> list[int | slice]:
-        key = key if isinstance(key, tuple) else (key,)
-        if sum(k is Ellipsis for k in key) > 1:
-            raise IndexError("an index can only have a single ellipsis ('...')")
-        if Ellipsis in key:
-            i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
-        if len(key) > self.ndim:
-            raise IndexError(f"too many indices for array: array is {self.ndim}-dimensional, {len(key)} were indexed")
-        key = key + (slice(None),) * (self.ndim - len(key))
-        out: list[int | slice] = []
-        for d, (k, n) in enumerate(zip(key, self.shape)):
-            if isinstance(k, slice):
-                out.append(k)
-                continue
-            try:
-                i = operator.index(k)
-            except TypeError:
-                raise TypeError(
-                    f"{self.name}: LazyArray supports ints, slices and '...', got {type(k).__name__}"
-                ) from None
-            if not -n <= i < n:
-                raise IndexError(f"index {i} is out of bounds for axis {d} with size {n}")
-            out.append(i % n)
-        return out
-
     def __getitem__(self, key: Any) -> np.ndarray:
-        idx = self._normalize(key)
-        layout = self._s.layout
-        ranges = [range(k, k + 1) if isinstance(k, int) else range(*k.indices(n)) for k, n in zip(idx, self.shape)]
-        box_lo = [min(r[0], r[-1]) if len(r) else 0 for r in ranges]
-        box_hi = [max(r[0], r[-1]) + 1 if len(r) else 0 for r in ranges]
-        buf = np.empty([hi - lo for lo, hi in zip(box_lo, box_hi)], dtype=self.dtype)
-        if buf.size:
-            per_dim: list[Sequence[int]] = []
-            for r, c in zip(ranges, layout.chunk_shape):
-                if abs(r.step) <= c:
-                    lo, hi = min(r[0], r[-1]), max(r[0], r[-1])
-                    per_dim.append(range(lo // c, hi // c + 1))
-                else:
-                    per_dim.append(sorted({i // c for i in r}))
-            crc_index: dict[tuple[int, ...], int] = {c: i for i, c in enumerate(layout.coords())}
-            for coords in itertools.product(*per_dim):
-                with deleted_while_reading(*self._checkpoint) if self._checkpoint else nullcontext():
-                    chunk = read_chunk(layout, coords, self._s.dirpath, self._s.crcs[crc_index[coords]], self._s.where)
-                self.chunks_read += 1
-                region = layout.region(coords)
-                src, dst = [], []
-                for s, lo, hi in zip(region, box_lo, box_hi):
-                    a, b = max(s.start, lo), min(s.stop, hi)
-                    src.append(slice(a - s.start, b - s.start))
-                    dst.append(slice(a - lo, b - lo))
-                buf[tuple(dst)] = chunk[tuple(src)]
-        rel = tuple(_relative(k, r, lo) for k, r, lo in zip(idx, ranges, box_lo))
-        out = buf[rel]
-        # numpy gives a 0-d array (not a scalar) for a[...]; so do we
-        has_ellipsis = key is Ellipsis or (isinstance(key, tuple) and any(k is Ellipsis for k in key))
-        return np.asarray(out) if has_ellipsis else out
-
-
-def _relative(k: int | slice, r: range, lo: int) -> int | slice:
-    """Index ``k`` (covering ``r``) re-expressed inside a buffer that starts at ``lo``."""
-    if isinstance(k, int):
-        return k - lo
-    if not len(r):
-        return slice(0, 0)
-    stop = r[-1] - lo + (1 if r.step > 0 else -1)
-    return slice(r.start - lo, stop if stop >= 0 else None, r.step)
+        with deleted_while_reading(*self._checkpoint) if self._checkpoint else nullcontext():
+            out, n = _codec.read_region(self._s, key, self.name)
+        self.chunks_read += n
+        return out
 
 
 class CheckpointView:
