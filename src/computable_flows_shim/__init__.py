@@ -10,7 +10,6 @@ from ._engine import FlowResult, resume_flow, run_flow
 from ._examples import EXAMPLES, make_example
 from ._export import export_checkpoint
 from ._flow import Flow, build_flow
-from ._inspect import LeafInfo, describe_leaves
 from ._lineage import RunInfo, format_run_tree, list_runs, open_run
 from ._manager import CheckpointInfo, CheckpointManager, VerifyReport
 from ._plot import plot_telemetry
@@ -33,8 +32,16 @@ from ._spec import FORMAT_NAME, FORMAT_VERSION
 from ._store import LocalDirectoryStore, Store
 from ._types import CheckpointId, PyTree, RunId, Step
 from ._usage import CheckpointUsage, DiskUsage, RunUsage
-from ._view import CheckpointView, LazyArray
-from ._xarray import lazy_array_to_dask, open_telemetry, state_dataset, state_datatree
+from ._view import (
+    CheckpointView,
+    LazyArray,
+    LeafInfo,
+    describe_leaves,
+    lazy_array_to_dask,
+    state_dataset,
+    state_datatree,
+)
+from ._xarray import open_telemetry
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,

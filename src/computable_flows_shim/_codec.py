@@ -793,7 +793,13 @@ def _leaf_where(checkpoint: str, kp: tuple) -> str:
     return f"checkpoint {checkpoint!r}, leaf {keystr(kp)}"
 
 
-def _state_nodes(dirpath: str, attrs: dict, checkpoint: str) -> list[tuple[tuple, dict, StoredArray | None]]:
+def state_leaves(
+    dirpath: str, attrs: dict, checkpoint: str, check_metadata: bool = True
+) -> list[tuple[tuple, dict, StoredArray | None]]:
+    """The one walk from a checkpoint's state leaves to its stored arrays: ``(key path, tree
+    node, StoredArray or None for a Python scalar)`` in tree order, metadata parsed and
+    checked, no chunk read.  ``check_metadata``: also check every other checksummed
+    ``zarr.json`` of ``state/`` (a load does, to find damage anywhere in the metadata)."""
     state_dir = os.path.join(dirpath, S.STATE_GROUP)
     out: list[tuple[tuple, dict, StoredArray | None]] = []
     for kp, node in iter_leaf_nodes(attrs[S.A_TREE], where=f"checkpoint {checkpoint!r}"):
@@ -801,8 +807,9 @@ def _state_nodes(dirpath: str, attrs: dict, checkpoint: str) -> list[tuple[tuple
             out.append((kp, node, open_array(state_dir, node["path"], _leaf_where(checkpoint, kp))))
         else:
             out.append((kp, node, None))
-    arrays = {f"{S.STATE_GROUP}/{node['path']}/zarr.json" for _, node, s in out if s is not None}
-    check_group_metadata(dirpath, S.STATE_GROUP + "/", arrays, f"checkpoint {checkpoint!r}")
+    if check_metadata:
+        arrays = {f"{S.STATE_GROUP}/{node['path']}/zarr.json" for _, node, s in out if s is not None}
+        check_group_metadata(dirpath, S.STATE_GROUP + "/", arrays, f"checkpoint {checkpoint!r}")
     return out
 
 
@@ -818,7 +825,7 @@ def _finish_leaf(node: dict, arr: np.ndarray, stored: StoredArray, kp: tuple, ch
 
 def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None) -> PyTree:
     """The state pytree; with ``target``, matched and checked leaf by leaf."""
-    nodes = _state_nodes(dirpath, attrs, checkpoint)
+    nodes = state_leaves(dirpath, attrs, checkpoint)
     if target is None:
         stored = [s for _, _, s in nodes if s is not None]
         values = dict(zip((id(s) for s in stored), read_arrays(stored)))
@@ -932,7 +939,7 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
     try:
         attrs = read_attrs(dirpath, f"checkpoint {checkpoint!r}")
         crcs = metadata_crcs(dirpath, f"checkpoint {checkpoint!r}")
-        arrays = [s for _, _, s in _state_nodes(dirpath, attrs, checkpoint) if s is not None]
+        arrays = [s for _, _, s in state_leaves(dirpath, attrs, checkpoint) if s is not None]
         tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
         arrays += [
             open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")

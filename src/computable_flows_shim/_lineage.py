@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from . import _repr
 from . import _spec as S
 from ._records import CheckpointInfo
 from ._types import CheckpointId, RunId, Step
 
-if TYPE_CHECKING:
-    from ._manager import CheckpointManager
+
+class _Listing(Protocol):
+    """What the functions below need of a CheckpointManager."""
+
+    store: Any
+
+    def list_checkpoints(self) -> list[CheckpointInfo]: ...
 
 
 @dataclass(frozen=True)
@@ -68,14 +74,10 @@ class RunInfo:
         }
 
     def __repr__(self) -> str:
-        from ._repr import run_text
-
-        return run_text(self)
+        return _repr.run_text(self)
 
     def _repr_html_(self) -> str:
-        from ._repr import run_html
-
-        return run_html(self)
+        return _repr.run_html(self)
 
 
 def runs_from_infos(infos: list[CheckpointInfo]) -> list[RunInfo]:
@@ -115,7 +117,7 @@ def runs_from_infos(infos: list[CheckpointInfo]) -> list[RunInfo]:
     return out
 
 
-def list_runs(mgr: CheckpointManager) -> list[RunInfo]:
+def list_runs(mgr: _Listing) -> list[RunInfo]:
     """Every run in the store, sorted by run id, with its checkpoints and rollback lineage
     (attributes only: no array is read).
 
@@ -127,7 +129,7 @@ def list_runs(mgr: CheckpointManager) -> list[RunInfo]:
     return runs_from_infos(mgr.list_checkpoints())
 
 
-def open_run(mgr: CheckpointManager, run_id: RunId) -> RunInfo:
+def open_run(mgr: _Listing, run_id: RunId) -> RunInfo:
     """One run (see :func:`list_runs`); CheckpointNotFoundError if it has no checkpoint."""
     from .errors import CheckpointNotFoundError
 

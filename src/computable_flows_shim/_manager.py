@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from . import _codec, _distributed, _retention, _usage
+from . import _codec, _distributed, _lineage, _repr, _retention, _usage
 from . import _spec as S
 from ._jsonattrs import to_json
 from ._records import CheckpointInfo, VerifyReport
@@ -118,15 +118,17 @@ class CheckpointManager:
 
     def _repr_html_(self) -> str:
         """The notebook display of the store: runs as a lineage tree, checkpoints, final energy, phases, bytes."""
-        from ._repr import store_html
-
-        return store_html(self)
+        runs = _lineage.runs_from_infos(self.list_checkpoints())
+        root = getattr(self.store, "root", str(self.store))
+        return _repr.store_html(root, runs, list(_lineage.walk_tree(runs)), self.disk_usage())
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         """IPython's text display: the same summary as text (``repr`` stays one line, it is used in messages)."""
-        from ._repr import store_text
-
-        printer.text(repr(self) if cycle else store_text(self))
+        if cycle:
+            printer.text(repr(self))
+            return
+        runs = _lineage.runs_from_infos(self.list_checkpoints())
+        printer.text(_repr.store_text(repr(self), runs, _lineage.format_run_tree(runs), self.disk_usage()))
 
     # ------------------------------------------------------------ writing
     def create_checkpoint(

@@ -12,14 +12,7 @@ import html
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._diff import CheckpointDiff
-    from ._inspect import LeafInfo
-    from ._lineage import RunInfo
-    from ._manager import CheckpointManager
-    from ._view import CheckpointView
+from typing import Any
 
 PHASE_COLORS = {"GREEN": "#2ca02c", "AMBER": "#ff9f0e", "RED": "#d62728"}
 
@@ -130,7 +123,7 @@ def _short_json(obj: Any, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _leaf_cells(leaf: LeafInfo) -> tuple[str, str, str, str, str, str, str]:
+def _leaf_cells(leaf: Any) -> tuple[str, str, str, str, str, str, str]:
     if leaf.kind == "scalar":
         return leaf.name, type(leaf.value).__name__, "", repr(leaf.value), "", "", ""
     dtype = leaf.dtype + (f" (key {leaf.key_impl})" if leaf.key_impl else "")
@@ -151,14 +144,8 @@ _LEAF_HEADERS = ("leaf", "dtype", "shape", "chunks", "grid", "size", "on disk")
 # ---------------------------------------------------------------- checkpoint view
 
 
-def _view_parts(view: CheckpointView) -> tuple[list[LeafInfo], int]:
-    from ._inspect import checkpoint_disk_bytes, describe_leaves
-
-    return describe_leaves(view), checkpoint_disk_bytes(view.path)
-
-
-def view_text(view: CheckpointView) -> str:
-    leaves, disk = _view_parts(view)
+def view_text(view: Any, leaves: list, disk: int) -> str:
+    """A checkpoint view as text, given its leaves (``LeafInfo``) and bytes on disk."""
     arrays = [leaf for leaf in leaves if leaf.kind == "array"]
     lines = [
         f"<CheckpointView {view.checkpoint_id}>",
@@ -178,8 +165,8 @@ def view_text(view: CheckpointView) -> str:
     return "\n".join(lines)
 
 
-def view_html(view: CheckpointView) -> str:
-    leaves, disk = _view_parts(view)
+def view_html(view: Any, leaves: list, disk: int) -> str:
+    """A checkpoint view as HTML, given its leaves (``LeafInfo``) and bytes on disk."""
     arrays = [leaf for leaf in leaves if leaf.kind == "array"]
     rows = [tuple(_e(c) for c in _leaf_cells(leaf)) for leaf in leaves]
     state = _table(_LEAF_HEADERS, rows, right=(5, 6))
@@ -211,7 +198,7 @@ def _ckpt_row(c: Any) -> tuple[str, str, str, str, str]:
     return c.checkpoint_id, str(c.iteration), c.created_at, "" if e is None else _num(e), "" if g is None else _num(g)
 
 
-def run_text(run: RunInfo) -> str:
+def run_text(run: Any) -> str:
     span = f"iterations {run.first_iteration}..{run.last_iteration}"
     lines = [f"<Run {run.run_id}: {len(run.checkpoints)} checkpoints, {span}>"]
     if run.branched_from:
@@ -225,7 +212,7 @@ def run_text(run: RunInfo) -> str:
     return "\n".join(lines)
 
 
-def run_html(run: RunInfo) -> str:
+def run_html(run: Any) -> str:
     lin = ""
     if run.branched_from:
         lin = (
@@ -253,27 +240,17 @@ def run_html(run: RunInfo) -> str:
 # ---------------------------------------------------------------- store
 
 
-def _store_parts(mgr: CheckpointManager):
-    from ._lineage import list_runs, walk_tree
-
-    runs = list_runs(mgr)
-    du = mgr.disk_usage()
-    by_run = {r.run_id: r for r in du.runs}
-    return runs, walk_tree(runs), du, by_run
-
-
-def store_text(mgr: CheckpointManager) -> str:
-    from ._lineage import format_run_tree, list_runs
-
-    runs = list_runs(mgr)
+def store_text(title: str, runs: list, tree_text: str, du: Any) -> str:
+    """A store as text: ``title`` (its repr), its runs (``RunInfo``) drawn as ``tree_text``, disk usage."""
     n = sum(len(r.checkpoints) for r in runs)
-    du = mgr.disk_usage()
-    head = f"{mgr!r}\n{len(runs)} runs, {n} checkpoints, {human_bytes(du.total_bytes)} on disk"
-    return head + ("\n" + format_run_tree(runs) if runs else "")
+    head = f"{title}\n{len(runs)} runs, {n} checkpoints, {human_bytes(du.total_bytes)} on disk"
+    return head + ("\n" + tree_text if runs else "")
 
 
-def store_html(mgr: CheckpointManager) -> str:
-    runs, tree, du, by_run = _store_parts(mgr)
+def store_html(root: str, runs: list, tree: list, du: Any) -> str:
+    """A store as HTML: its location, its runs (``RunInfo``) in tree order (``(run, prefix,
+    connector)``, as ``walk_tree`` gives them) and disk usage (``DiskUsage``)."""
+    by_run = {r.run_id: r for r in du.runs}
     n = sum(len(r.checkpoints) for r in runs)
     rows = []
     for r, prefix, conn in tree:
@@ -295,7 +272,6 @@ def store_html(mgr: CheckpointManager) -> str:
     table = _table(
         ("run", "checkpoints", "iterations", "final E", "phases", "branched from", "on disk"), rows, right=(1, 3, 6)
     )
-    root = getattr(mgr.store, "root", str(mgr.store))
     return "".join(
         [
             _CSS,
@@ -328,7 +304,7 @@ def _value(v: Any, width: int) -> str:
     return _num(v) if isinstance(v, float) else _short_json(v, width)
 
 
-def attr_changes(diff: CheckpointDiff) -> list[tuple[str, Any, Any]]:
+def attr_changes(diff: Any) -> list[tuple[str, Any, Any]]:
     """The attributes that differ, objects opened one level: ``("telemetry_summary.samples", 100, 200)``."""
     missing = "(absent)"
     out: list[tuple[str, Any, Any]] = []
@@ -346,7 +322,7 @@ def attr_changes(diff: CheckpointDiff) -> list[tuple[str, Any, Any]]:
 _DIFF_HEADERS = ("leaf", "status", "shape / dtype", "changed", "max |a-b|")
 
 
-def diff_text(diff: CheckpointDiff) -> str:
+def diff_text(diff: Any) -> str:
     cells = [_diff_cells(leaf) for leaf in diff.leaves]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(_DIFF_HEADERS)]
     n_changed = len(diff.changed)
@@ -366,7 +342,7 @@ def diff_text(diff: CheckpointDiff) -> str:
     return "\n".join(lines)
 
 
-def diff_html(diff: CheckpointDiff) -> str:
+def diff_html(diff: Any) -> str:
     rows = []
     for leaf in diff.leaves:
         name, status, sd, changed, d = _diff_cells(leaf)
