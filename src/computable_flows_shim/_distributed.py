@@ -44,7 +44,8 @@ import contextlib
 import itertools
 import json
 import warnings
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -58,9 +59,6 @@ from .errors import (
     CheckpointWriteError,
     DistributedSaveError,
 )
-
-if TYPE_CHECKING:
-    from ._manager import CheckpointManager
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds each wait for the other processes of a multi-process save may take."""
@@ -142,69 +140,130 @@ def _describe(e: BaseException) -> str:
 
 
 def save(
-    mgr: CheckpointManager,
-    run_id: str,
+    store: Store,
     cid: str,
     attrs: dict,
     state: Any,
     telemetry_history: Any,
     timeout: float,
-) -> str:
-    """One multi-process save; every process calls it with the same arguments."""
+    *,
+    durable: bool,
+    base_dir: str | None,
+) -> _codec.WriteStats:
+    """One multi-process save; every process calls it with the same arguments.  ``durable``:
+    fsync what is written into the staging area; ``base_dir``: the run's previous checkpoint
+    (incremental saves).  Returns what was written, all processes counted on process 0."""
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"distributed_timeout must be a positive number of seconds, got {timeout!r}")
-    store = mgr.store
     if type(store).join_staging is Store.join_staging:
         raise CheckpointWriteError(f"multi-process saves are not supported by {store!r}")
-    client = _client()
     pid, nproc = jax.process_index(), jax.process_count()
-    prefix = f"cfs/save/{next(_SEQ)}/{cid}"
-    what = f"multi-process save of checkpoint {cid!r} (process {pid} of {nproc})"
-    durable = mgr._fsync_staging
+    job = _Job(
+        store,
+        cid,
+        _client(),
+        f"cfs/save/{next(_SEQ)}/{cid}",
+        f"multi-process save of checkpoint {cid!r} (process {pid} of {nproc})",
+        timeout,
+        durable,
+        base_dir,
+    )
+    if pid != 0:
+        return _save_part(job, pid, attrs, state, telemetry_history)
+    return _save_and_commit(job, nproc, attrs, state, telemetry_history)
+
+
+def is_primary() -> bool:
+    """Whether this process commits multi-process saves (and so applies retention after them)."""
+    return jax.process_index() == 0
+
+
+@dataclass(frozen=True)
+class _Job:
+    store: Store
+    cid: str
+    client: Any
+    prefix: str
+    what: str
+    timeout: float
+    durable: bool
+    base_dir: str | None
+
+
+def _save_part(job: _Job, pid: int, attrs: dict, state: Any, telemetry_history: Any) -> _codec.WriteStats:
+    """A process other than 0: write its shards into the staging area process 0 opened,
+    publish their CRCs, wait for the commit."""
+    client, prefix, what, store = job.client, job.prefix, job.what, job.store
     own_error: BaseException | None = None
     stats = _codec.WriteStats()
+    try:
+        prepared = _codec.Prepared.of(attrs, state, telemetry_history)
+        ref = _get(client, f"{prefix}/staging", job.timeout, what)
+        if ref.startswith("!"):
+            raise DistributedSaveError(f"{what}: process 0 failed before writing: {ref[1:]}")
+        # a shared directory's staging itself, or (object store) a local one whose files finish() PUTs
+        with store.join_staging(job.cid, ref) as (tmp, finish_part):
+            if not store.staging_is_final:
+                _codec.make_dirs(tmp, prepared)
+            crcs, stats = _codec.write_chunks(tmp, prepared, job.durable, job.base_dir, global_only=True)
+            objects = finish_part()
+        client.key_value_set(f"{prefix}/crcs/{pid}", _encode(crcs, stats, objects))
+    except Exception as e:  # noqa: BLE001 - published to process 0, then raised below
+        own_error = e
+        client.key_value_set(f"{prefix}/crcs/{pid}", "!" + _describe(e))
+    _barrier(client, f"{prefix}/written", job.timeout, what)
+    result = _get(client, f"{prefix}/result", job.timeout, what + ", waiting for process 0 to commit")
+    try:
+        _barrier(client, f"{prefix}/done", job.timeout, what)
+    except DistributedSaveError as e:
+        if result == "ok":  # committed and complete: a process failed afterwards
+            warnings.warn(f"{e} (after the commit)", CheckpointWarning, stacklevel=4)
+    if own_error is not None:
+        raise _as_write_error(own_error, job.cid)
+    if result != "ok":
+        raise DistributedSaveError(f"{what}: nothing was committed: {result[1:]}")
+    return stats
 
-    base_dir = mgr._base_dir(run_id)
-    if pid != 0:
-        try:
-            prepared = _codec.Prepared.of(attrs, state, telemetry_history)
-            ref = _get(client, f"{prefix}/staging", timeout, what)
-            if ref.startswith("!"):
-                raise DistributedSaveError(f"{what}: process 0 failed before writing: {ref[1:]}")
-            # a shared directory's staging itself, or (object store) a local one whose files finish() PUTs
-            with store.join_staging(cid, ref) as (tmp, finish_part):
-                if not store.staging_is_final:
-                    _codec.make_dirs(tmp, prepared)
-                crcs, stats = _codec.write_chunks(tmp, prepared, durable, base_dir, global_only=True)
-                objects = finish_part()
-            client.key_value_set(f"{prefix}/crcs/{pid}", _encode(crcs, stats, objects))
-        except Exception as e:  # noqa: BLE001 - published to process 0, then raised below
-            own_error = e
-            client.key_value_set(f"{prefix}/crcs/{pid}", "!" + _describe(e))
-        _barrier(client, f"{prefix}/written", timeout, what)
-        result = _get(client, f"{prefix}/result", timeout, what + ", waiting for process 0 to commit")
-        try:
-            _barrier(client, f"{prefix}/done", timeout, what)
-        except DistributedSaveError as e:
-            if result == "ok":  # committed and complete: a process failed afterwards
-                warnings.warn(f"{e} (after the commit)", CheckpointWarning, stacklevel=3)
-        if own_error is not None:
-            raise _as_write_error(own_error, cid)
-        if result != "ok":
-            raise DistributedSaveError(f"{what}: nothing was committed: {result[1:]}")
-        mgr.last_save_stats = stats
-        mgr._last_saved[run_id] = cid
-        return cid
 
-    # process 0: owns the staging directory and the commit
+def _gather(job: _Job, nproc: int, crcs: dict, stats: _codec.WriteStats, failures: list[str]) -> tuple:
+    """Process 0: every other process's chunk CRCs, objects and stats (or its failure)."""
+    extra_objects: dict = {}
+    for p in range(1, nproc):
+        try:
+            text = job.client.key_value_try_get(f"{job.prefix}/crcs/{p}")
+        except Exception:  # noqa: BLE001 - NOT_FOUND: it passed the barrier without publishing
+            text = "!published no chunk checksums"
+        if text.startswith("!"):
+            failures.append(f"process {p}: {text[1:]}")
+            continue
+        other, s, objects = _decode(text)
+        extra_objects.update(objects)
+        for path, d in other.items():
+            crcs.setdefault(path, {}).update(d)
+        stats = _codec.WriteStats(
+            stats.bytes_written + s[0],
+            stats.chunks_written + s[1],
+            stats.chunks_linked + s[2],
+            stats.bytes_linked + s[3],
+        )
+    return crcs, stats, extra_objects
+
+
+def _save_and_commit(job: _Job, nproc: int, attrs: dict, state: Any, telemetry_history: Any) -> _codec.WriteStats:
+    """Process 0: open the staging area, write its own chunks, gather everyone's CRCs after
+    the barrier, write the metadata and commit once."""
+    client, prefix, what, store, cid = job.client, job.prefix, job.what, job.store, job.cid
+    own_error: BaseException | None = None
+    stats = _codec.WriteStats()
     committed, published = False, False
     failures: list[str] = []
     extra_objects: dict = {}
+    crcs: dict = {}
     with contextlib.ExitStack() as staging:  # leaving it uncommitted removes the staging directory
         try:
             if store.exists(cid):
                 raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {store}")
-            tmp, commit = staging.enter_context(store.staging(cid, durable))
+            tmp, commit = staging.enter_context(store.staging(cid, job.durable))
             prepared = _codec.Prepared.of(attrs, state, telemetry_history)
             _codec.make_dirs(tmp, prepared)
             ref = store.staging_ref(tmp)
@@ -215,7 +274,7 @@ def save(
             with store.join_staging(cid, ref) as (ctmp, finish_part):
                 if not store.staging_is_final:
                     _codec.make_dirs(ctmp, prepared)
-                crcs, stats = _codec.write_chunks(ctmp, prepared, durable, base_dir)
+                crcs, stats = _codec.write_chunks(ctmp, prepared, job.durable, job.base_dir)
                 extra_objects.update(finish_part())
             client.key_value_set(f"{prefix}/crcs/0", _encode(crcs, stats))
         except Exception as e:  # noqa: BLE001 - published to the others, then raised below
@@ -223,28 +282,12 @@ def save(
             failures.append(f"process 0: {_describe(e)}")
             if not published:
                 client.key_value_set(f"{prefix}/staging", "!" + _describe(e))
-        _barrier(client, f"{prefix}/written", timeout, what)  # raising leaves the staging: removed
-        for p in range(1, nproc):
-            try:
-                text = client.key_value_try_get(f"{prefix}/crcs/{p}")
-            except Exception:  # noqa: BLE001 - NOT_FOUND: it passed the barrier without publishing
-                text = "!published no chunk checksums"
-            if text.startswith("!"):
-                failures.append(f"process {p}: {text[1:]}")
-                continue
-            other, s, objects = _decode(text)
-            extra_objects.update(objects)
-            for path, d in other.items():
-                crcs.setdefault(path, {}).update(d)
-            stats = _codec.WriteStats(
-                stats.bytes_written + s[0],
-                stats.chunks_written + s[1],
-                stats.chunks_linked + s[2],
-                stats.bytes_linked + s[3],
-            )
+        _barrier(client, f"{prefix}/written", job.timeout, what)  # raising leaves the staging: removed
+        crcs, stats, objects = _gather(job, nproc, crcs, stats, failures)
+        extra_objects.update(objects)
         if not failures:
             try:
-                _codec.write_metadata(tmp, prepared, crcs, durable)
+                _codec.write_metadata(tmp, prepared, crcs, job.durable)
                 commit(extra_objects)
                 committed = True
             except Exception as e:  # noqa: BLE001
@@ -253,21 +296,17 @@ def save(
     result = "ok" if committed else "!" + "; ".join(failures)
     client.key_value_set(f"{prefix}/result", result)
     try:
-        _barrier(client, f"{prefix}/done", timeout, what)
+        _barrier(client, f"{prefix}/done", job.timeout, what)
         client.key_value_delete(prefix)
     except DistributedSaveError as e:
         if not committed:
             raise DistributedSaveError(f"{e}; nothing was committed: {result[1:]}") from None
-        warnings.warn(f"{e} (after the commit)", CheckpointWarning, stacklevel=3)
+        warnings.warn(f"{e} (after the commit)", CheckpointWarning, stacklevel=4)
     if own_error is not None:
         raise _as_write_error(own_error, cid)
     if not committed:
         raise DistributedSaveError(f"{what}: nothing was committed: {result[1:]}")
-    mgr.last_save_stats = stats
-    mgr._last_saved[run_id] = cid
-    if mgr.retention is not None:
-        mgr._apply_retention(run_id, mgr.retention, dry_run=False, force=False)
-    return cid
+    return stats
 
 
 def _as_write_error(e: BaseException, cid: str) -> BaseException:

@@ -171,10 +171,20 @@ class CheckpointManager:
         self.wait_until_finished()
         cid = S.make_checkpoint_id(run_id, iteration)
         attrs = self._base_attrs(cid, run_id, iteration, flow_config, certificates, metadata, lineage={})
-        # --- multi-process save (issue 7): every process writes its shards, process 0 commits
+        # a multi-process save: every process writes its shards, process 0 commits
         if _distributed.active():
-            return _distributed.save(self, run_id, cid, attrs, state, telemetry_history, distributed_timeout)
-        # ---
+            stats = _distributed.save(
+                self.store,
+                cid,
+                attrs,
+                state,
+                telemetry_history,
+                distributed_timeout,
+                durable=self._fsync_staging,
+                base_dir=self._base_dir(run_id),
+            )
+            self._saved(run_id, cid, stats, apply_retention=_distributed.is_primary())
+            return cid
         if self.store.exists(cid):
             raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {self.store}")
         prepared = _codec.Prepared.of(attrs, state, telemetry_history, copy=not blocking)
@@ -204,9 +214,14 @@ class CheckpointManager:
     def _save(self, run_id: str, cid: str, prepared: _codec.Prepared, base_dir: str | None) -> None:
         stats: list[_codec.WriteStats] = []
         self._write(cid, lambda tmp: stats.append(_codec.write_group(tmp, prepared, self._fsync_staging, base_dir)))
-        self.last_save_stats = stats[0]
+        self._saved(run_id, cid, stats[0])
+
+    def _saved(self, run_id: str, cid: str, stats: _codec.WriteStats, apply_retention: bool = True) -> None:
+        """The books after a committed save, and the manager's retention policy."""
+        self.last_save_stats = stats
         self._last_saved[run_id] = cid
-        if self.retention is not None:  # runs in the saver thread for blocking=False; its failure surfaces alike
+        if apply_retention and self.retention is not None:
+            # runs in the saver thread for blocking=False; its failure surfaces alike
             self._apply_retention(run_id, self.retention, dry_run=False, force=False)
 
     def _base_attrs(
