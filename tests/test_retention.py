@@ -120,6 +120,9 @@ def _save(mgr, run, it, energy):
     )
 
 
+TAGS = {"main-i000000000500": "paper-figure-3", "main-i000000000005": "first", "b1-i000000000200": "best"}
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """main: 160 checkpoints whose energy first improves then worsens (best at 60; the
@@ -136,9 +139,8 @@ def template(tmp_path_factory):
     for it in range(135, 285, 5):
         _save(mgr, "b2", it, float(it))
     mgr.rollback_to_checkpoint("main-i000000000150", "b3")
-    mgr.tag_checkpoint("main-i000000000500", "paper-figure-3")
-    mgr.tag_checkpoint("main-i000000000005", "first")
-    mgr.tag_checkpoint("b1-i000000000200", "best")
+    for cid, tag in TAGS.items():
+        mgr.tag_checkpoint(cid, tag)
     return str(root)
 
 
@@ -213,8 +215,9 @@ def _check_run(store, run, policy):
     assert _ids(store) == others | set(dry.kept)
     again = store.apply_retention(run, policy, dry_run=True)
     assert again.deleted == []  # idempotent: nothing more to delete
-    for cid in store.tagged():
-        assert cid in _ids(store)
+    # every checkpoint tagged in the template still exists, tags intact (store.tagged() alone
+    # could not show it: it lists only the tags of checkpoints that still exist)
+    assert {cid: [tag] for cid, tag in TAGS.items()} == store.tagged()
     for i in store.list_checkpoints():  # every branch still has its parent
         parent = i.lineage.get("rollback_from")
         assert parent is None or parent in _ids(store)
@@ -267,6 +270,7 @@ def test_progress_callback_and_errors(store):
     report = store.apply_retention(
         "b2", KeepLatest(2), progress=lambda done, total, cid: seen.append((done, total, cid))
     )
+    assert len(report.deleted) == 28  # b2's 31 less the newest 2 and its branch point (b1@130 exists)
     assert [s[2] for s in seen] == list(reversed(report.deleted))  # oldest first
     assert [s[0] for s in seen] == list(range(1, len(report.deleted) + 1))
     assert all(s[1] == len(report.deleted) for s in seen)

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _spec as S
 from ._dtypes import fill_value_json, from_zarr_name, zarr_name
+from ._io import sync_file
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 
 TARGET_CHUNK_BYTES = 4 << 20
@@ -211,6 +212,12 @@ class Layout:
     def key(self, coords: tuple[int, ...]) -> str:
         return self.separator.join(["c", *map(str, coords)])
 
+    @property
+    def is_slab(self) -> bool:
+        """Every chunk is one contiguous run of the C-order array (chunks in grid order are
+        the array's bytes in order)."""
+        return _is_slab(self.shape, self.chunk_shape)
+
     def region(self, coords: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(slice(j * c, min((j + 1) * c, n)) for j, c, n in zip(coords, self.chunk_shape, self.shape))
 
@@ -310,9 +317,8 @@ def _scratch(n: int) -> memoryview:
     return memoryview(buf)[:n]
 
 
-def _same_file_bytes(path: str, bufs: list, sync: bool = False) -> bool:
-    """True when the file at ``path`` holds exactly the concatenation of ``bufs``; with
-    ``sync``, its data is then made durable (fdatasync) before True is returned."""
+def _same_file_bytes(path: str, bufs: list) -> bool:
+    """True when the file at ``path`` holds exactly the concatenation of ``bufs``."""
     views = [memoryview(b).cast("B") for b in bufs]
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb", buffering=0) as f:
@@ -325,8 +331,6 @@ def _same_file_bytes(path: str, bufs: list, sync: bool = False) -> bool:
             # compared as numpy arrays: memoryview == memoryview goes element by element (30x slower)
             if not np.array_equal(np.frombuffer(got, np.uint8), np.frombuffer(v, np.uint8)):
                 return False
-        if sync:
-            os.fdatasync(f.fileno())
     return True
 
 
@@ -356,14 +360,24 @@ def store_chunk(bufs: list, path: str, durable: bool, base: tuple[str, int] | No
     bufs = [*bufs, crc.to_bytes(S.CRC_BYTES, "little")]
     if base is not None and base[1] == crc:
         try:
+            same = _same_file_bytes(base[0], bufs)
+        except OSError:  # base deleted meanwhile: write it
+            same = False
+        if same and durable:
             # A durable save syncs the chunk it links: the base may have been saved with
             # durable=False, and a link to data still in the page cache would not survive a
-            # power cut (a clean file's fdatasync costs about 50 us here).
-            if _same_file_bytes(base[0], bufs, sync=durable):
+            # power cut (a clean file's fdatasync costs about 50 us here).  A failed sync fails
+            # the save, like any failed fsync (never retried).
+            try:
+                sync_file(base[0])
+            except FileNotFoundError:
+                same = False
+        if same:
+            try:
                 os.link(base[0], path, follow_symlinks=False)
                 return crc, 0
-        except OSError:  # base deleted meanwhile, too many links, another file system: write it
-            pass
+            except OSError:  # base deleted meanwhile, too many links, another file system: write it
+                pass
     write_file(path, bufs, durable)
     return crc, sum(len(memoryview(b).cast("B")) for b in bufs)
 

@@ -480,9 +480,9 @@ def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> Non
             s, d = os.path.join(base, f), os.path.join(out, f)
             if f == "zarr.json" and S.A_METADATA_CRCS not in attrs:  # a source written before checksums
                 crcs[os.path.relpath(s, src).replace(os.sep, "/")] = _crc32c(read_json_raw(s, src)[1])
+            if durable:  # the source may have been saved with durable=False: never link unsynced data
+                sync_file(s)  # a failure fails the rollback (a failed fsync is never retried)
             try:
-                if durable:  # the source may have been saved with durable=False: never link unsynced data
-                    sync_file(s)
                 os.link(s, d, follow_symlinks=False)
             except OSError:
                 shutil.copyfile(s, d, follow_symlinks=False)

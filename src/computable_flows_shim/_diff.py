@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _codec
 from . import _spec as S
-from ._arrays import read_chunk
-from ._tree import KeyPath, iter_leaf_nodes, keystr, scalar_value
+from ._tree import KeyPath, keystr, scalar_value
 from ._types import CheckpointId
-from ._view import CheckpointView, LazyArray, deleted_while_reading
+from ._view import CheckpointView, LazyArray, StoredArray
 
 if TYPE_CHECKING:
     from ._manager import CheckpointManager
@@ -148,18 +146,11 @@ class CheckpointDiff:
         return diff_html(self)
 
 
-def _nodes(view: CheckpointView) -> dict[KeyPath, tuple[dict, _codec.StoredArray | None]]:
-    state_dir = os.path.join(view.path, S.STATE_GROUP)
-    out: dict[KeyPath, tuple[dict, _codec.StoredArray | None]] = {}
-    with deleted_while_reading(view.path, view.checkpoint_id):
-        for kp, node in iter_leaf_nodes(view.attrs[S.A_TREE], where=f"checkpoint {view.checkpoint_id!r}"):
-            where = f"checkpoint {view.checkpoint_id!r}, leaf {keystr(kp)}"
-            stored = _codec.open_array(state_dir, node["path"], where) if node["kind"] == "array" else None
-            out[kp] = (node, stored)
-    return out
+def _nodes(view: CheckpointView) -> dict[KeyPath, tuple[dict, StoredArray | None]]:
+    return {kp: (node, stored) for kp, node, stored in view.leaves()}
 
 
-def _dtype_name(s: _codec.StoredArray) -> str:
+def _dtype_name(s: StoredArray) -> str:
     return s.layout.dtype.name if s.layout.dtype is not None else "string"
 
 
@@ -195,21 +186,18 @@ def _compare_blocks(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
     return n, float(d.max())
 
 
-def _compare_arrays(sa: _codec.StoredArray, sb: _codec.StoredArray, va: CheckpointView, vb: CheckpointView):
+def _compare_arrays(sa: StoredArray, sb: StoredArray, va: CheckpointView, vb: CheckpointView):
     la, lb = sa.layout, sb.layout
     same_layout = la.chunk_shape == lb.chunk_shape and la.separator == lb.separator
     lazy_b = LazyArray(sb, sb.where, (vb.path, vb.checkpoint_id))
     changed, worst, read = 0, 0.0, 0
-    crc_b = dict(zip(lb.coords(), sb.crcs))
-    for coords, crc in zip(la.coords(), sa.crcs):
+    for coords in la.coords():
         key = la.key(coords)
         if same_layout and _same_file(os.path.join(sa.dirpath, key), os.path.join(sb.dirpath, key)):
             continue  # one immutable file in both checkpoints
-        with deleted_while_reading(va.path, va.checkpoint_id):
-            block_a = read_chunk(la, coords, sa.dirpath, crc, sa.where)
+        block_a = va.read_block(sa, coords)
         if same_layout:
-            with deleted_while_reading(vb.path, vb.checkpoint_id):
-                block_b = read_chunk(lb, coords, sb.dirpath, crc_b[coords], sb.where)
+            block_b = vb.read_block(sb, coords)
         else:
             block_b = lazy_b[la.region(coords)]
         read += 1

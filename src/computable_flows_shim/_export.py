@@ -35,14 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _codec
 from . import _spec as S
 from . import _telemetry as T
-from ._arrays import _is_slab, read_chunk
 from ._dtypes import EXTENSION_NAMES, zarr_name
-from ._tree import iter_leaf_nodes, keystr
+from ._tree import keystr
 from ._types import CheckpointId
-from ._view import deleted_while_reading
+from ._view import CheckpointView
 from .errors import ExportError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -75,14 +73,11 @@ class _Leaf:
     slab: bool
 
 
-def _state_leaves(path: str, attrs: dict, cid: str) -> list[_Leaf]:
-    state_dir = os.path.join(path, S.STATE_GROUP)
+def _state_leaves(view: CheckpointView) -> list[_Leaf]:
     out = []
-    for kp, node in iter_leaf_nodes(attrs[S.A_TREE], where=f"checkpoint {cid!r}"):
-        if node["kind"] != "array":
+    for kp, node, stored in view.leaves():
+        if stored is None:
             continue  # Python scalars and None live in the pytree attribute, exported as JSON
-        where = f"checkpoint {cid!r}, leaf {keystr(kp)}"
-        stored = _codec.open_array(state_dir, node["path"], where)
         lay = stored.layout
         assert lay.dtype is not None  # state arrays are numeric
         dtype, ext = _raw_dtype(lay.dtype)
@@ -96,19 +91,15 @@ def _state_leaves(path: str, attrs: dict, cid: str) -> list[_Leaf]:
             leaf_attrs["cfs_dtype"] = ext
 
         def blocks(stored=stored, dtype=dtype) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-            for coords, crc in zip(stored.layout.coords(), stored.crcs):
-                with deleted_while_reading(path, cid):
-                    block = read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where)
-                yield stored.layout.region(coords), block.view(dtype)
+            for coords in stored.layout.coords():
+                yield stored.layout.region(coords), view.read_block(stored, coords).view(dtype)
 
-        slab = _is_slab(lay.shape, lay.chunk_shape)
-        out.append(_Leaf(f"{S.STATE_GROUP}/{node['path']}", lay.shape, dtype, leaf_attrs, blocks, slab))
+        out.append(_Leaf(f"{S.STATE_GROUP}/{node['path']}", lay.shape, dtype, leaf_attrs, blocks, lay.is_slab))
     return out
 
 
-def _telemetry_leaves(path: str, cid: str) -> list[_Leaf]:
-    with deleted_while_reading(path, cid):
-        cols = _codec.read_telemetry(path, cid)
+def _telemetry_leaves(view: CheckpointView) -> list[_Leaf]:
+    cols = view.telemetry_columns()
     events = cols.pop("events")
     out = []
     for dim, group in ((S.T_SAMPLE_DIM, cols), (S.T_EVENT_DIM, T.event_columns(events))):
@@ -199,10 +190,8 @@ def export_checkpoint(
         raise ExportError(f"cannot export to {out!r}: use a .h5, .hdf5 or .npz file name")
     if os.path.exists(out) and not overwrite:
         raise ExportError(f"{out!r} already exists (overwrite=True, cfs export --force, replaces it)")
-    src = mgr.checkpoint_path(checkpoint_id)
     view = mgr.open_checkpoint(checkpoint_id)
-    with deleted_while_reading(src, checkpoint_id):
-        leaves = _state_leaves(src, view.attrs, checkpoint_id) + _telemetry_leaves(src, checkpoint_id)
+    leaves = _state_leaves(view) + _telemetry_leaves(view)
     # a temporary beside the output, then a rename: a failed export leaves no half file
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.{secrets.token_hex(6)}.tmp")
     try:

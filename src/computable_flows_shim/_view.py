@@ -16,6 +16,7 @@ import numpy as np
 from . import _codec, _repr
 from . import _spec as S
 from ._arrays import read_chunk
+from ._codec import StoredArray
 from ._tree import KeyPath, keystr, scalar_value, unflatten
 from ._types import PyTree
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, MissingDependencyError
@@ -50,7 +51,7 @@ class LazyArray:
     which implementation).
     """
 
-    def __init__(self, stored: _codec.StoredArray, name: str, checkpoint: tuple[str, str] | None = None) -> None:
+    def __init__(self, stored: StoredArray, name: str, checkpoint: tuple[str, str] | None = None) -> None:
         self._s = stored
         self.name = name
         self.chunks_read = 0
@@ -216,12 +217,23 @@ class CheckpointView:
         """The state as a dask-backed ``xarray.DataTree`` (see :func:`computable_flows_shim.state_datatree`)."""
         return state_datatree(self)
 
-    def leaves(self) -> list[tuple[KeyPath, dict, _codec.StoredArray | None]]:
+    def leaves(self) -> list[tuple[KeyPath, dict, StoredArray | None]]:
         """``(key path, tree node, stored array or None for a Python scalar)`` for every leaf,
         in tree order, from metadata alone: the walk that diff, xarray, export and
         :meth:`describe_leaves` share."""
         with deleted_while_reading(self.path, self.checkpoint_id):
             return _codec.state_leaves(self.path, self.attrs, self.checkpoint_id, check_metadata=False)
+
+    def read_block(self, stored: StoredArray, coords: tuple[int, ...]) -> np.ndarray:
+        """One stored chunk of a leaf (from :meth:`leaves`), checked (size, CRC32C, manifest)."""
+        crc = stored.crcs[int(np.ravel_multi_index(coords, stored.layout.grid)) if coords else 0]
+        with deleted_while_reading(self.path, self.checkpoint_id):
+            return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where)
+
+    def telemetry_columns(self) -> dict:
+        """The telemetry as stored: ``{column: numpy array}`` plus ``events`` (a list of dicts)."""
+        with deleted_while_reading(self.path, self.checkpoint_id):
+            return _codec.read_telemetry(self.path, self.checkpoint_id)
 
     def describe_leaves(self, *, disk: bool = True) -> list[LeafInfo]:
         """Every leaf in tree order, from metadata only (no chunk is read); ``disk=False``
@@ -270,8 +282,7 @@ class CheckpointView:
         if self._telemetry is None:
             import xarray as xr
 
-            with deleted_while_reading(self.path, self.checkpoint_id):
-                cols = _codec.read_telemetry(self.path, self.checkpoint_id)
+            cols = self.telemetry_columns()
             events = cols.pop("events")
             data = {n: (S.T_SAMPLE_DIM, c) for n, c in cols.items() if n != S.T_SAMPLE_DIM}
             coords = {S.T_SAMPLE_DIM: cols[S.T_SAMPLE_DIM]} if S.T_SAMPLE_DIM in cols else {}
@@ -308,13 +319,13 @@ def _dask_array_module():
     return da
 
 
-def _read_block(stored: _codec.StoredArray, coords: tuple[int, ...], crc: int, checkpoint: tuple[str, str]):
+def _read_block(stored: StoredArray, coords: tuple[int, ...], crc: int, checkpoint: tuple[str, str]):
     """One dask chunk: one stored chunk, checked (a task; module level so that it pickles)."""
     with deleted_while_reading(*checkpoint):
         return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where)
 
 
-def _dask_from_stored(stored: _codec.StoredArray, name: str, checkpoint: tuple[str, str]) -> dask.array.Array:
+def _dask_from_stored(stored: StoredArray, name: str, checkpoint: tuple[str, str]) -> dask.array.Array:
     da = _dask_array_module()
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
@@ -449,6 +460,7 @@ def describe_leaves(view: CheckpointView, *, disk: bool = True) -> list[LeafInfo
 __all__ = [
     "CheckpointView",
     "LazyArray",
+    "StoredArray",
     "LeafInfo",
     "describe_leaves",
     "checkpoint_disk_bytes",

@@ -33,9 +33,16 @@ from .conftest import HERE, add, staging_entries
 
 def test_forced_interleaving(tmp_path, monkeypatch, figures):
     """Schedule: the writer creates its lock file; a cleaner finds it unlocked; the writer
-    takes the lock as soon as the cleaner lets go and creates its staging directory; the
-    cleaner removes what it judged abandoned; a second cleaner (a new manager) runs while
-    the writer is still writing.  The save must commit whole and nothing may be left over."""
+    asks for the lock at once; the cleaner removes the lock file only after the writer got
+    its chance to take the lock and create its staging directory (or after 2 s); a second
+    cleaner (a new manager) runs while the writer is still writing.  The save must commit
+    whole and nothing may be left over.
+
+    Before the fix the cleaner let go of the lock before unlinking, the writer got in
+    (``waits["cleaner-unlink"]`` True) and the second cleaner deleted its staging directory.
+    Now the cleaner unlinks while holding the lock, so the writer cannot get in first
+    (``waits["cleaner-unlink"]`` False, the 2 s pass), finds its lock file gone and starts
+    again under a new token."""
     root = str(tmp_path / "store")
     mgr = CheckpointManager(root)
     staging_root = os.path.join(root, ".cfs-staging")
@@ -96,7 +103,10 @@ def test_forced_interleaving(tmp_path, monkeypatch, figures):
     w.join(30)
     monkeypatch.undo()
     assert not w.is_alive()
-    assert waits.get("writer-flock") is True, waits  # the schedule really happened
+    # the schedule really happened: the writer waited for the cleaner's probe, and made its
+    # staging directory before the second cleaner was done
+    assert waits.get("writer-flock") is True and waits.get("writer-staged") is True, waits
+    assert "cleaner-unlink" in waits, waits
     assert outcome == ["r-i000000000001"], outcome
     out = CheckpointManager(root).load_checkpoint("r-i000000000001")
     assert out["state"]["x"].tobytes() == state["x"].tobytes()

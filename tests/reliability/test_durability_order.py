@@ -89,7 +89,7 @@ def check_commit_order(events: list[dict], store: str, final: str, fsynced_befor
             )
         ):
             raise AssertionError(f"written into the checkpoint after the commit rename: {e}")
-    assert tmp in created_dirs
+    assert tmp in created_dirs and created_files, "the record shows no file created in the staging directory"
     for f, n in created_files.items():
         syncs = [m for m in fsyncs.get(f, []) if m > last_write.get(f, n)]
         assert syncs and min(syncs) < r, f"file {f} not fsynced after its last write and before the rename"
@@ -132,6 +132,7 @@ def test_save_fsyncs_everything_before_the_rename_and_the_store_after(forkserver
 def test_rollback_and_delete_order(forkserver, tmp_path, figures):
     store = str(tmp_path / "store")
     r = forkserver(op="save", store=store, shape="tree", run="a", iteration=1, plan={"trace": True})
+    assert r["result"]["status"] == "ok", r
     fsynced = fsynced_inodes(r["result"]["events"])
     r = forkserver(op="rollback", store=store, src="a-i000000000001", run="b", plan={"trace": True})
     assert r["result"]["status"] == "ok", r

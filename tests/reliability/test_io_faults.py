@@ -53,6 +53,9 @@ def fault_sweep(forkserver, store: str, shape: str, figures: dict, op: str = "sa
     CheckpointManager(store).delete_checkpoint(new)
     calls = traced["calls"]
     writes = [e["n"] for e in traced["events"] if e["op"] in WRITES]
+    # the tracer saw the operation's calls, writes among them: else the short and zero writes
+    # (and, with no call seen, every fault) silently drop out of the sweep below
+    assert calls > 0 and writes, traced["events"]
     trials = [(f, p, n) for f in ERRNOS for p in (False, True) for n in range(1, calls + 2)]
     trials += [(f, p, n) for f in ("short", "zero") for p in (False, True) for n in writes]
     fig = figures["3. I/O errors (fail the Nth call, every N)"]
