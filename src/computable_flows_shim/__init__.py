@@ -128,7 +128,7 @@ __all__ = [
     "RetentionReport",
     "RunUsage",
     "any_of",
-    # analysis and interop (issue 6)
+    # analysis and interop
     "CheckpointDiff",
     "ExportError",
     "LeafDiff",

@@ -116,7 +116,7 @@ def open_regular(path: str, where: str, what: str) -> tuple[int, os.stat_result]
     """Open a checkpoint file for reading: never through a symlink, never anything but a
     regular file (a FIFO would block, a device or directory would not read as a file), and
     the reasons it cannot be opened as our errors (a hostile or damaged checkpoint must
-    raise nothing else; issue 5).  A file of a remote checkpoint's mirror is fetched on
+    raise nothing else).  A file of a remote checkpoint's mirror is fetched on
     first open (see :func:`fetch_missing`)."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
@@ -497,7 +497,7 @@ def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_c
             _check_crc(_crc.crc32c(body), raw[-S.CRC_BYTES :], expected_crc, cwhere)
             n = math.prod(layout.chunk_shape)
             # the count must be the chunk's size, and fit the bytes (4 per string at least),
-            # before the decoder allocates that many objects (bounded memory; issue 5)
+            # before the decoder allocates that many objects (bounded memory)
             if int.from_bytes(body[:4], "little") != n or len(body) < 4 + 4 * n:
                 raise CheckpointCorruptError(f"{cwhere}: text chunk does not hold {n} strings")
             try:

@@ -634,7 +634,7 @@ class StoredArray:
     def check_backed(self) -> None:
         """Before allocating a large array (or any text array, whose ``None``-filled object
         array is touched at once), check that the chunk files can hold it: a shape they
-        cannot hold is damage, and must not cost its memory (issue 5)."""
+        cannot hold is damage, and must not cost its memory."""
         layout = self.layout
         per_chunk = math.prod(layout.chunk_shape)
         if layout.dtype is None:
@@ -751,7 +751,7 @@ def _relative(k: int | slice, r: range, lo: int) -> int | slice:
 def check_group_metadata(dirpath: str, prefix: str, skip: set[str], where: str) -> None:
     """Check every checksummed zarr.json under ``prefix`` that is not in ``skip`` (the group
     documents a load does not otherwise read): a load detects damage anywhere in the
-    metadata, not only in the files it needs (issue 5)."""
+    metadata, not only in the files it needs."""
     crcs = metadata_crcs(dirpath, where)
     for key, crc in (crcs or {}).items():
         if key.startswith(prefix) and key not in skip:

@@ -94,113 +94,116 @@ def _phase(cert_phase: str, e: float, prev_e: float | None) -> str:
     return cert_phase
 
 
-def _loop(
-    flow: Flow,
-    x: jax.Array,
-    y: jax.Array,
-    key: jax.Array,
-    alpha: jax.Array,
-    start: int,
-    end: int,
-    rec: TelemetryRecorder,
-    certs: dict,
-    mgr: CheckpointManager | None,
-    run_id: str,
-    interval: int,
-    meta: dict,
-    progress: Progress | None,
-) -> FlowResult:
-    step = flow.make_step()
-    checkpoints: list[str] = []
+@dataclass
+class _Run:
+    """One run of the loop: what stays fixed while it iterates, and its checkpoint books."""
+
+    flow: Flow
+    y: jax.Array
+    rec: TelemetryRecorder
+    certs: dict
+    mgr: CheckpointManager | None
+    run_id: str
+    interval: int
+    meta: dict
+    progress: Progress | None
+    checkpoints: list[str] = field(default_factory=list)
     last: str | None = None
-    prev_e = float(rec.history()["E"][-1]) if len(rec) else None
+    good: list[str] = field(default_factory=list)  # checkpoints saved while certificates and energy were GREEN
 
-    good: list[str] = []  # checkpoints saved while certificates and energy were GREEN
-
-    def mark_last_good() -> None:
+    def mark_last_good(self) -> None:
         """Move the run's ``last-good`` tag to its newest committed GREEN checkpoint."""
+        mgr = self.mgr
         if mgr is None:
             return
         mgr.wait_until_finished()  # the tag names committed checkpoints only
-        if not good:
+        if not self.good:
             return
-        newest = good[-1]
-        for old in mgr.tagged(LAST_GOOD, run_id=run_id):
+        newest = self.good[-1]
+        for old in mgr.tagged(LAST_GOOD, run_id=self.run_id):
             if old != newest:
                 mgr.untag_checkpoint(old, LAST_GOOD)
         mgr.tag_checkpoint(newest, LAST_GOOD)
 
-    def save(it: int, phase: str) -> str | None:
-        nonlocal last
-        if mgr is None:
-            return None
-        mark_last_good()  # the previous save has committed by now (one save in flight)
-        cid = S.make_checkpoint_id(run_id, it)
-        rec.event("CHECKPOINT_CREATED", it, checkpoint_id=cid)  # logged first: the checkpoint holds its own event
-        state = {"x": x, "y": y, "key": key, "alpha": alpha}
+    def save(self, it: int, phase: str, x: jax.Array, key: jax.Array, alpha: jax.Array) -> None:
+        if self.mgr is None:
+            return
+        self.mark_last_good()  # the previous save has committed by now (one save in flight)
+        cid = S.make_checkpoint_id(self.run_id, it)
+        self.rec.event("CHECKPOINT_CREATED", it, checkpoint_id=cid)  # logged first: the checkpoint holds its own event
+        state = {"x": x, "y": self.y, "key": key, "alpha": alpha}
         # blocking=False: the state is copied to host memory now and written while the flow goes on
-        mgr.create_checkpoint(
-            run_id,
+        self.mgr.create_checkpoint(
+            self.run_id,
             it,
             state,
-            flow.spec,
-            telemetry_history=rec.history(),
-            certificates=certs,
-            metadata=meta,
+            self.flow.spec,
+            telemetry_history=self.rec.history(),
+            certificates=self.certs,
+            metadata=self.meta,
             blocking=False,
         )
-        checkpoints.append(cid)
-        last = cid
-        if phase == "GREEN" and certs["phase"] == "GREEN":
-            good.append(cid)
-        return cid
+        self.checkpoints.append(cid)
+        self.last = cid
+        if phase == "GREEN" and self.certs["phase"] == "GREEN":
+            self.good.append(cid)
 
-    it = start
-    with _Signals() as sigs:
-        while it < end:
-            x_new, key_new, e, gnorm, sparsity = step(x, y, key, alpha)
-            e_val = float(e)
-            if not math.isfinite(e_val):
-                rec.event("DIVERGED", it + 1, E=str(e_val))
-                mark_last_good()  # committed and tagged before we report it
-                raise FlowDivergedError(
-                    f"run {run_id!r} diverged at iteration {it + 1}: energy {e_val}; the state was not checkpointed. "
-                    + (f"Last good checkpoint: {last}." if last else "No checkpoint was written.")
-                    + f" Certified step alpha = {certs['alpha']:.6g} (L = {certs['lipschitz']:.6g}).",
-                    it + 1,
-                    last,
-                )
-            x, key, it = x_new, key_new, it + 1
-            ph = _phase(certs["phase"], e_val, prev_e)
-            prev_e = e_val
-            if rec.wants(it):
-                rec.record(
-                    it,
-                    E=e_val,
-                    grad_norm=float(gnorm),
-                    alpha=float(alpha),
-                    phase=ph,
-                    sparsity_wx=float(sparsity),
-                    eta_dd=certs["eta_dd"],
-                    gamma=certs["gamma"],
-                )
-            stop = sigs.received is not None
-            if it % interval == 0 or it == end or stop:
-                if stop and it != end:  # on a checkpoint step too: the checkpoint says why the run stopped
-                    rec.event("RUN_INTERRUPTED", it, signal=signal.Signals(sigs.received).name)  # type: ignore[arg-type]
-                if it == end:
-                    rec.event("RUN_FINISHED", it)
-                save(it, ph)
-            if progress is not None:
-                progress({"iter": it, "end": end, "E": e_val, "phase": ph, "checkpoint": last})
-            if stop:
-                break
-    if mgr is not None:
-        mgr.wait_until_finished()
-        mark_last_good()
-    status = "finished" if it == end else "interrupted"
-    state = {"x": np.asarray(x), "y": np.asarray(y), "key": key, "alpha": np.asarray(alpha)}
-    return FlowResult(state, rec.history(), run_id, it, status, certs, last, checkpoints, sigs.received)
+    def diverged(self, it: int, e_val: float) -> FlowDivergedError:
+        self.rec.event("DIVERGED", it, E=str(e_val))
+        self.mark_last_good()  # committed and tagged before we report it
+        certs = self.certs
+        return FlowDivergedError(
+            f"run {self.run_id!r} diverged at iteration {it}: energy {e_val}; the state was not checkpointed. "
+            + (f"Last good checkpoint: {self.last}." if self.last else "No checkpoint was written.")
+            + f" Certified step alpha = {certs['alpha']:.6g} (L = {certs['lipschitz']:.6g}).",
+            it,
+            self.last,
+        )
+
+    def loop(self, x: jax.Array, key: jax.Array, alpha: jax.Array, start: int, end: int) -> FlowResult:
+        step = self.flow.make_step()
+        rec, certs, y = self.rec, self.certs, self.y
+        prev_e = float(rec.history()["E"][-1]) if len(rec) else None
+        it = start
+        with _Signals() as sigs:
+            while it < end:
+                x_new, key_new, e, gnorm, sparsity = step(x, y, key, alpha)
+                e_val = float(e)
+                if not math.isfinite(e_val):
+                    raise self.diverged(it + 1, e_val)
+                x, key, it = x_new, key_new, it + 1
+                ph = _phase(certs["phase"], e_val, prev_e)
+                prev_e = e_val
+                if rec.wants(it):
+                    rec.record(
+                        it,
+                        E=e_val,
+                        grad_norm=float(gnorm),
+                        alpha=float(alpha),
+                        phase=ph,
+                        sparsity_wx=float(sparsity),
+                        eta_dd=certs["eta_dd"],
+                        gamma=certs["gamma"],
+                    )
+                stop = sigs.received is not None
+                if it % self.interval == 0 or it == end or stop:
+                    if stop and it != end:  # on a checkpoint step too: the checkpoint says why the run stopped
+                        rec.event("RUN_INTERRUPTED", it, signal=signal.Signals(sigs.received).name)  # type: ignore[arg-type]
+                    if it == end:
+                        rec.event("RUN_FINISHED", it)
+                    self.save(it, ph, x, key, alpha)
+                if self.progress is not None:
+                    self.progress({"iter": it, "end": end, "E": e_val, "phase": ph, "checkpoint": self.last})
+                if stop:
+                    break
+        if self.mgr is not None:
+            self.mgr.wait_until_finished()
+            self.mark_last_good()
+        status = "finished" if it == end else "interrupted"
+        state = {"x": np.asarray(x), "y": np.asarray(y), "key": key, "alpha": np.asarray(alpha)}
+        return FlowResult(
+            state, rec.history(), self.run_id, it, status, certs, self.last, self.checkpoints, sigs.received
+        )
 
 
 def run_flow(
@@ -245,23 +248,8 @@ def run_flow(
         "telemetry_every": telemetry_every,
         "seed": seed,
     }
-    key = jax.random.key(seed)
-    return _loop(
-        flow,
-        x,
-        y_arr,
-        key,
-        alpha,
-        0,
-        iters,
-        rec,
-        certs,
-        checkpoint_manager,
-        run_id,
-        checkpoint_interval,
-        meta,
-        progress,
-    )
+    run = _Run(flow, y_arr, rec, certs, checkpoint_manager, run_id, checkpoint_interval, meta, progress)
+    return run.loop(x, jax.random.key(seed), alpha, 0, iters)
 
 
 def resume_flow(
@@ -298,19 +286,6 @@ def resume_flow(
         rec.event("ROLLBACK", start, rollback_from=lineage["rollback_from"])
     rec.event("FLOW_RESUMED", start, checkpoint_id=checkpoint_id, end=end)
     meta["target_iters"] = end
-    return _loop(
-        flow,
-        x,
-        y,
-        st["key"],
-        alpha,
-        start,
-        end,
-        rec,
-        ck["certificates"],
-        checkpoint_manager,
-        ck["run_id"],
-        int(meta.get("checkpoint_interval", 100)),
-        meta,
-        progress,
-    )
+    interval = int(meta.get("checkpoint_interval", 100))
+    run = _Run(flow, y, rec, ck["certificates"], checkpoint_manager, ck["run_id"], interval, meta, progress)
+    return run.loop(x, st["key"], alpha, start, end)

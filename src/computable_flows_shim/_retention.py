@@ -5,7 +5,7 @@ no arrays read) and returns the ids it keeps, each with a reason, so that a dry 
 say *why* every survivor survives.  Policies combine with :func:`any_of` (or ``|``): a
 checkpoint is kept when any policy keeps it.
 
-Three rules hold whatever the policy (issue 8: users of other libraries lost the
+Three rules hold whatever the policy (users of other libraries lost the
 checkpoint they needed to a "keep best" rule or to a cleanup):
 
 - the newest checkpoint (highest iteration) of a run is never deleted;

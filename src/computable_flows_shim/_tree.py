@@ -128,40 +128,73 @@ def _leaf_array(x: Any, kp: KeyPath) -> tuple[np.ndarray | jax.Array, str | None
     return a, None
 
 
+def _children_names(keys: list[Any], kp: KeyPath) -> list[str]:
+    """The stored names of a container's children (``encode_name``), unique up to case."""
+    try:
+        names = [encode_name(k) for k in keys]
+    except UnsupportedLeafError as e:  # name the container holding the bad key
+        raise UnsupportedLeafError(f"{keystr(kp)}: {e}") from None
+    folded = collections.Counter(n.lower() for n in names)
+    if len(folded) != len(names):
+        # Keys equal up to case would share one file on case-insensitive file
+        # systems: make each of those names unique with a hash of its key.
+        names = [
+            n + "%h" + hashlib.sha256(repr(k).encode()).hexdigest()[:16] if folded[n.lower()] > 1 else n
+            for n, k in zip(names, keys)
+        ]
+    return names
+
+
+def _scalar_node(x: Any) -> dict | None:
+    """The node of ``None`` or a Python scalar; None for anything else."""
+    if x is None:
+        return {"kind": "none"}
+    if isinstance(x, bool):
+        return {"kind": "scalar", "type": "bool", "value": bool(x)}
+    if isinstance(x, str):
+        return {"kind": "scalar", "type": "str", "value": x}
+    if isinstance(x, np.generic):
+        return None
+    if isinstance(x, int):
+        return {"kind": "scalar", "type": "int", "value": int(x)}
+    if isinstance(x, float):
+        return {"kind": "scalar", "type": "float", "value": _json_float(x)}
+    if isinstance(x, complex):
+        return {"kind": "scalar", "type": "complex", "value": [_json_float(x.real), _json_float(x.imag)]}
+    return None
+
+
+def _custom_children(x: Any, kp: KeyPath) -> tuple[list[Any], list[Any]]:
+    """``(keys, children)`` of a registered pytree node, flattened one level."""
+    try:
+        with warnings.catch_warnings():  # JAX warns that an iterable (a generator...) is a leaf: it is refused here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pairs, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
+    except Exception as e:  # noqa: BLE001 - a node type whose flatten fails, or a future JAX refusing it
+        raise UnsupportedLeafError(f"{keystr(kp)}: cannot flatten {type(x).__name__} ({e})") from e
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # type: ignore[attr-defined]
+        raise UnsupportedLeafError(
+            f"{keystr(kp)}: unsupported leaf of type {type(x).__name__} "
+            "(expected an array, a Python scalar, None, or a registered pytree node)"
+        )
+    keys = []
+    for p, _ in pairs:
+        if len(p) != 1:
+            raise UnsupportedLeafError(f"{keystr(kp)}: cannot flatten {type(x).__name__} one level")
+        keys.append(_key_of(p[0]))
+    return keys, [c for _, c in pairs]
+
+
 def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
     """The JSON structure of ``state`` and its array leaves, in a fixed order."""
     leaves: list[Leaf] = []
 
-    def children_names(keys: list[Any], kp: KeyPath) -> list[str]:
-        try:
-            names = [encode_name(k) for k in keys]
-        except UnsupportedLeafError as e:  # name the container holding the bad key
-            raise UnsupportedLeafError(f"{keystr(kp)}: {e}") from None
-        folded = collections.Counter(n.lower() for n in names)
-        if len(folded) != len(names):
-            # Keys equal up to case would share one file on case-insensitive file
-            # systems: make each of those names unique with a hash of its key.
-            names = [
-                n + "%h" + hashlib.sha256(repr(k).encode()).hexdigest()[:16] if folded[n.lower()] > 1 else n
-                for n, k in zip(names, keys)
-            ]
-        return names
-
     def walk(x: Any, kp: KeyPath, path: str) -> dict:
         if len(kp) > MAX_DEPTH:
             raise UnsupportedLeafError(f"{keystr(kp[:3])}...: pytree nested deeper than {MAX_DEPTH} levels (a cycle?)")
-        if x is None:
-            return {"kind": "none"}
-        if isinstance(x, bool):
-            return {"kind": "scalar", "type": "bool", "value": bool(x)}
-        if isinstance(x, str):
-            return {"kind": "scalar", "type": "str", "value": x}
-        if isinstance(x, int) and not isinstance(x, np.generic):
-            return {"kind": "scalar", "type": "int", "value": int(x)}
-        if isinstance(x, float) and not isinstance(x, np.generic):
-            return {"kind": "scalar", "type": "float", "value": _json_float(x)}
-        if isinstance(x, complex) and not isinstance(x, np.generic):
-            return {"kind": "scalar", "type": "complex", "value": [_json_float(x.real), _json_float(x.imag)]}
+        scalar = _scalar_node(x)
+        if scalar is not None:
+            return scalar
         if isinstance(x, (jax.Array, np.ndarray, np.generic)):
             arr, impl = _leaf_array(x, kp)
             leaves.append(Leaf(kp, path or "%root", arr, impl))
@@ -169,48 +202,31 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
             if isinstance(x, np.generic):
                 node["numpy_scalar"] = True
             return node
-        sub = (lambda name: f"{path}/{name}") if path else (lambda name: name)
+
+        def children(keys: list[Any], values: list[Any], names: list[str]) -> list[dict]:
+            return [walk(c, kp + (k,), f"{path}/{n}" if path else n) for c, k, n in zip(values, keys, names)]
+
         if type(x) is dict:
             keys = list(x.keys())
-            names = children_names(keys, kp)
-            return {
-                "kind": "dict",
-                "keys": keys,
-                "children": [walk(x[k], kp + (k,), sub(n)) for k, n in zip(keys, names)],
-            }
+            names = _children_names(keys, kp)
+            return {"kind": "dict", "keys": keys, "children": children(keys, list(x.values()), names)}
         if type(x) in (list, tuple):
-            return {"kind": type(x).__name__, "children": [walk(c, kp + (i,), sub(str(i))) for i, c in enumerate(x)]}
+            idx = list(range(len(x)))
+            return {"kind": type(x).__name__, "children": children(idx, list(x), [str(i) for i in idx])}
         if isinstance(x, tuple) and hasattr(type(x), "_fields"):
             fields = list(type(x)._fields)  # type: ignore[attr-defined]
-            names = children_names(fields, kp)
             return {
                 "kind": "namedtuple",
                 "name": type(x).__name__,
                 "keys": fields,
-                "children": [walk(c, kp + (f,), sub(n)) for c, f, n in zip(x, fields, names)],
+                "children": children(fields, list(x), _children_names(fields, kp)),
             }
-        try:
-            with warnings.catch_warnings():  # JAX warns that an iterable (a generator...) is a leaf: it is refused here
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pairs, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
-        except Exception as e:  # noqa: BLE001 - a node type whose flatten fails, or a future JAX refusing it
-            raise UnsupportedLeafError(f"{keystr(kp)}: cannot flatten {type(x).__name__} ({e})") from e
-        if treedef.num_nodes == 1 and treedef.num_leaves == 1:  # type: ignore[attr-defined]
-            raise UnsupportedLeafError(
-                f"{keystr(kp)}: unsupported leaf of type {type(x).__name__} "
-                "(expected an array, a Python scalar, None, or a registered pytree node)"
-            )
-        keys = []
-        for p, _ in pairs:
-            if len(p) != 1:
-                raise UnsupportedLeafError(f"{keystr(kp)}: cannot flatten {type(x).__name__} one level")
-            keys.append(_key_of(p[0]))
-        names = children_names(keys, kp)
+        keys, values = _custom_children(x, kp)
         return {
             "kind": "custom",
             "name": type(x).__name__,
             "keys": keys,
-            "children": [walk(c, kp + (k,), sub(n)) for (_, c), k, n in zip(pairs, keys, names)],
+            "children": children(keys, values, _children_names(keys, kp)),
         }
 
     return walk(state, (), ""), leaves

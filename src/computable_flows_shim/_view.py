@@ -33,7 +33,7 @@ def deleted_while_reading(path: str, checkpoint_id: str) -> Iterator[None]:
     A delete renames the whole checkpoint directory away (spec/FORMAT.md, "Delete"), so
     a reader that opens a file afterwards finds it missing, which on its own reads as a
     corrupt checkpoint.  When the checkpoint directory itself is gone, that is what
-    happened (a cleanup ran, issue 8), and the reader gets CheckpointNotFoundError.
+    happened (a cleanup ran), and the reader gets CheckpointNotFoundError.
     """
     try:
         yield

@@ -22,6 +22,7 @@ __all__ = [
     "UnsupportedLeafError",
     "MetadataError",
     "CheckpointWriteError",
+    "StoreUnavailableError",
     "DistributedSaveError",
     "CheckpointTooLargeError",
     "InvalidIterationError",
