@@ -12,10 +12,19 @@ becomes, for checkpoint ``<id>`` (spec/FORMAT.md, "Object stores"):
    ever visible (it wrote under its own token);
 4. ``DELETE`` the marker.
 
+A save renews its lease (re-PUTs the marker with a later expiry) while it runs, and commits
+only while the lease holds (see ``_Lease``).
+
 Readers list ``.cfs-commits/`` only and read only the objects a record names, checking
 their size and CRC32C, so objects of an upload that never committed are never seen.  A
-delete removes the record first (the checkpoint vanishes at once), then the objects.
-Cleanup removes uploads whose lease expired and data that no record or marker owns.
+delete PUTs a marker for the checkpoint's token, removes the record (the checkpoint vanishes
+at once), then the objects and the marker.  Cleanup removes uploads whose lease expired
+(a delete's marker included: what a delete cut short left, even for an id committed again)
+and data that no record or marker owns.
+
+Every request is retried by obstore on 5xx answers (503 SlowDown included), resets and
+timeouts, with exponential backoff, within ``DEFAULT_RETRY_CONFIG`` unless the caller
+passes its own ``retry_config``; a fault that outlasts it raises our error.
 
 Reads go through a local read-through mirror of each checkpoint: its directory tree,
 metadata files fetched on first open and chunks read into memory when asked for (see
@@ -64,7 +73,25 @@ from .errors import (
 MAX_RECORD_BYTES = 64 << 20
 """A commit record larger than this is refused (bounded memory on hostile input)."""
 DEFAULT_UPLOAD_LEASE = 24 * 3600.0
-"""Seconds an upload may take before another manager's cleanup may remove it."""
+"""Seconds an upload's marker is valid for; a save renews it when half has run, so cleanup
+removes an upload only when its writer stopped renewing (died, hung, or lost the store)."""
+DELETE_LEASE = 60.0
+"""Seconds a delete's marker (PUT before its record goes) keeps cleanup away from the objects
+it is deleting (at most ``upload_lease``); after it, cleanup finishes a delete that died."""
+DEFAULT_RETRY_CONFIG: dict[str, Any] = {
+    "max_retries": 10,
+    "retry_timeout": _dt.timedelta(seconds=60),
+    "backoff": {"init_backoff": _dt.timedelta(milliseconds=100), "max_backoff": _dt.timedelta(seconds=10), "base": 2},
+}
+"""obstore's retries for every request (5xx, 503 SlowDown, connection resets, timeouts): up to
+10 retries, backoff from 100 ms doubling to 10 s with jitter, none started after 60 s; so a
+persistent fault raises within about 60 s plus one request's ``timeout``."""
+DEFAULT_CLIENT_OPTIONS: dict[str, Any] = {"connect_timeout": "5s", "timeout": "30s"}
+"""Per-request limits (obstore's own defaults, set here so that they are ours): a request that
+hangs is cut off and retried within ``DEFAULT_RETRY_CONFIG``."""
+TRANSPORT_RETRIES = 3
+"""Retries, with backoff from 0.1 s, of what obstore does not retry (see ``ObjectStore._call``)."""
+_BACKOFF = 0.1
 _TOKEN_RE = re.compile(r"^[0-9a-f]{24}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_PART_RE = re.compile(r"^[A-Za-z0-9._%-]+$")
@@ -96,6 +123,12 @@ def _obstore() -> Any:
             "s3:// checkpoint stores need obstore: pip install 'computable-flows-shim[s3]'"
         ) from e
     return obstore
+
+
+def _retried(e: BaseException) -> bool:
+    """obstore gave up after its own retries (its message says so: "after N retries,
+    max_retries: M"); retrying again would only multiply its bounded time."""
+    return "max_retries" in str(e).split("\n", 1)[0]
 
 
 def _iso(t: float) -> str:
@@ -159,8 +192,11 @@ class ObjectStore(Store):
     (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``, ...) or from keyword
     ``options`` passed to obstore (``endpoint=``, ``region=``, ``access_key_id=``,
     ``client_options=``, ...).  An ``http://`` endpoint (a local test server) is allowed
-    without further options.  ``upload_lease``: seconds after which an unfinished upload
-    counts as abandoned (a save must finish within it).
+    without further options.  ``upload_lease``: seconds an upload's marker is valid for; a
+    save renews it while it runs, so only an upload whose writer stopped (killed, hung, cut
+    off from the store) for that long counts as abandoned.  ``retry_config`` (obstore's)
+    defaults to :data:`DEFAULT_RETRY_CONFIG`, ``client_options`` to
+    :data:`DEFAULT_CLIENT_OPTIONS` for the keys it does not set.
     """
 
     supports_rename = False
@@ -177,7 +213,8 @@ class ObjectStore(Store):
         self.bucket, self.prefix = m.group(1), (m.group(2) or "").strip("/")
         self.root_url = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.root = self.root_url
-        client_options = dict(options.pop("client_options", None) or {})
+        client_options = {**DEFAULT_CLIENT_OPTIONS, **(options.pop("client_options", None) or {})}
+        options.setdefault("retry_config", DEFAULT_RETRY_CONFIG)
         env = os.environ
         endpoint = options.get("endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         if endpoint:
@@ -211,21 +248,31 @@ class ObjectStore(Store):
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, key_op: bool = False, **kwargs: Any) -> Any:
         """One obstore call: a missing key (``key_op``: a GET or HEAD) raises _Missing, a failed
         create-only PUT _Exists, and anything else from the store StoreUnavailableError (a
-        "not found" on a PUT, LIST or DELETE means the bucket is missing)."""
-        try:
-            return fn(self._s, *args, **kwargs)
-        except (FileNotFoundError, self._exc.NotFoundError) as e:
-            if not key_op:
-                raise StoreUnavailableError(
-                    f"{self}: {what} failed: not found (does bucket {self.bucket!r} exist?): {str(e).splitlines()[0]}"
-                ) from e
-            raise _Missing(what) from None
-        except (FileExistsError, self._exc.AlreadyExistsError, self._exc.PreconditionError):
-            raise _Exists(what) from None
-        except Exception as e:
-            if isinstance(e, (self._exc.BaseError, OSError)):
-                raise StoreUnavailableError(f"{self}: {what} failed: {str(e).splitlines()[0]}") from e
-            raise
+        "not found" on a PUT, LIST or DELETE means the bucket is missing).
+
+        obstore retries 5xx answers and connection errors itself, but not a connection reset
+        while sending a PUT or POST (it deems them not idempotent), nor a listing whose body is
+        cut off: those are retried here, ``TRANSPORT_RETRIES`` times with backoff, except a
+        create-only PUT (the commit record's caller decides by reading it back)."""
+        for attempt in range(TRANSPORT_RETRIES + 1):
+            try:
+                return fn(self._s, *args, **kwargs)
+            except (FileNotFoundError, self._exc.NotFoundError) as e:
+                if not key_op:
+                    raise StoreUnavailableError(
+                        f"{self}: {what} failed: not found (does bucket {self.bucket!r} exist?): "
+                        f"{str(e).splitlines()[0]}"
+                    ) from e
+                raise _Missing(what) from None
+            except (FileExistsError, self._exc.AlreadyExistsError, self._exc.PreconditionError):
+                raise _Exists(what) from None
+            except Exception as e:
+                if not isinstance(e, (self._exc.BaseError, OSError)):
+                    raise
+                if attempt == TRANSPORT_RETRIES or kwargs.get("mode") == "create" or _retried(e):
+                    raise StoreUnavailableError(f"{self}: {what} failed: {str(e).splitlines()[0]}") from e
+                time.sleep(_BACKOFF * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _get(self, key: str, limit: int | None = None) -> bytes:
         return bytes(self._get_buffer(key, limit))
@@ -279,11 +326,19 @@ class ObjectStore(Store):
         return f"{S.UPLOADS_PREFIX}/{name}/{token}.json"
 
     def _record(self, name: str) -> dict | None:
-        try:
-            raw = self._get(self._record_key(name), MAX_RECORD_BYTES)
-        except _Missing:
-            return None
-        return _parse_record(raw, name, f"{self.root_url}/{self._record_key(name)}")
+        # read twice before calling a record damaged: a body cut short on the way (a proxy that
+        # ends it early with a matching length) is not damage, and must not hide a checkpoint
+        for attempt in (1, 2):
+            try:
+                raw = self._get(self._record_key(name), MAX_RECORD_BYTES)
+            except _Missing:
+                return None
+            try:
+                return _parse_record(raw, name, f"{self.root_url}/{self._record_key(name)}")
+            except (CheckpointCorruptError, CheckpointFormatError):
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ the Store contract
     def names(self) -> list[str]:
@@ -328,20 +383,23 @@ class ObjectStore(Store):
         if meta is None:
             return None  # not part of the checkpoint: missing, as in a directory store
         where = f"{self.root_url}/{rec['data']}/{rel}"
-        try:
-            data = self._get_buffer(f"{rec['data']}/{rel}", meta[0])
-        except CheckpointFormatError:
+        for attempt in (1, 2):  # a mismatch is read again once: bytes damaged on the way are not damage
+            try:
+                data = self._get_buffer(f"{rec['data']}/{rel}", meta[0])
+            except CheckpointFormatError:
+                problem = f"larger than the recorded {meta[0]} bytes"
+                continue
+            except _Missing:
+                raise CheckpointNotFoundError(
+                    f"checkpoint {rec['checkpoint_id']!r} was deleted while being read ({where} is gone)"
+                ) from None
+            if len(data) == meta[0] and _crc.crc32c(data) == meta[1]:
+                break
+            problem = f"{len(data)} bytes, CRC32C {_crc.crc32c(data):#010x}; recorded {meta[0]} bytes, {meta[1]:#010x}"
+        else:
             raise CheckpointCorruptError(
-                f"{where}: object does not match the commit record (larger than the recorded {meta[0]} bytes)"
-            ) from None
-        except _Missing:
-            raise CheckpointNotFoundError(
-                f"checkpoint {rec['checkpoint_id']!r} was deleted while being read ({where} is gone)"
-            ) from None
-        if len(data) != meta[0] or _crc.crc32c(data) != meta[1]:
-            raise CheckpointCorruptError(
-                f"{where}: object does not match the commit record ({len(data)} bytes, CRC32C "
-                f"{_crc.crc32c(data):#010x}; recorded {meta[0]} bytes, {meta[1]:#010x})"
+                f"{where}: object of checkpoint {rec['checkpoint_id']!r} does not match the commit record "
+                f"({problem}, read twice)"
             )
         with self._lock:
             self.objects_read += 1
@@ -383,32 +441,27 @@ class ObjectStore(Store):
         the commit record.  Leaving without a commit deletes the upload and its marker."""
         token = secrets.token_hex(12)
         tmp = os.path.join(self._cache, ".staging", f"{name}.{token}")
-        data, marker, now = f"{name}/{token}", self._marker_key(name, token), time.time()
-        body = {
-            "checkpoint_id": name,
-            "token": token,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": _iso(now),
-            "expires_at": _iso(now + self.upload_lease),
-            "expires_at_unix": now + self.upload_lease,
-        }
+        data, marker = f"{name}/{token}", self._marker_key(name, token)
         os.makedirs(tmp)
         committed, unknown = False, False
+        lease = _Lease(self, name, token, self.upload_lease)
 
         def commit(extra_objects: dict[str, list[int]] | None = None) -> None:
             nonlocal committed, unknown
             try:
-                self._commit(name, token, tmp, extra_objects or {})
+                self._commit(name, token, tmp, extra_objects or {}, lease)
             except _OutcomeUnknown:
                 unknown = True
                 raise
+            except StoreUnavailableError as e:  # a fault that outlasted the retries: name the save
+                raise CheckpointWriteError(f"saving checkpoint {name!r} failed, nothing was committed: {e}") from e
             committed = True
 
         try:
-            self._put(marker, json.dumps(body).encode())
+            lease.acquire()
             yield tmp, commit
         finally:
+            lease.release()  # no renewal lands after the marker's DELETE below
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 if not committed and not unknown:
@@ -435,7 +488,7 @@ class ObjectStore(Store):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _commit(self, name: str, token: str, tmp: str, extra_objects: dict[str, list[int]]) -> None:
+    def _commit(self, name: str, token: str, tmp: str, extra_objects: dict[str, list[int]], lease: _Lease) -> None:
         # no existence check here: the manager checked before writing, and the record's
         # conditional PUT settles any race (a HEAD here would cost a request and prove nothing)
         data, marker = f"{name}/{token}", self._marker_key(name, token)
@@ -456,12 +509,27 @@ class ObjectStore(Store):
             _parse_record(body, name, f"{self.root_url}/{self._record_key(name)}")
         except CheckpointError as e:
             raise CheckpointWriteError(f"saving checkpoint {name!r}: {e}") from None
-        if not self._head(marker):
-            raise CheckpointWriteError(
-                f"saving checkpoint {name!r}: the upload outlived its lease ({self.upload_lease:g} s) and "
-                "another manager's cleanup removed it; nothing was committed"
-            )
+        lost = (
+            f"saving checkpoint {name!r}: the upload outlived its lease ({self.upload_lease:g} s, not renewed in "
+            "time) and another manager's cleanup may remove it; nothing was committed"
+        )
+        if lease.lost or time.time() >= lease.expires or not self._head(marker):
+            raise CheckpointWriteError(lost + (f" ({lease.lost})" if lease.lost else ""))
         self._put_record(name, token, body)
+        lease.release()  # no renewal in flight from here on: what the marker shows now stays true
+        if lease.lost or ((lease.unsure or time.time() >= lease.expires) and not self._head(marker)):
+            # the lease may have run out before the record landed: a cleaner may have judged the
+            # upload abandoned (marker, then no record, then the objects) meanwhile; and after a
+            # late renewal the marker proves nothing.  Take the record back rather than leave it
+            # naming objects that may be deleted: readers meanwhile saw objects go missing (an
+            # error), never wrong bytes.
+            try:
+                rec = self._record(name)
+                if rec is not None and rec["token"] == token:
+                    self._delete_keys([self._record_key(name)])
+            except CheckpointError as e:
+                raise _OutcomeUnknown(f"{lost}; taking the commit record back failed: {e}") from e
+            raise CheckpointWriteError(lost + "; its commit record was taken back")
         m = S.CHECKPOINT_ID_RE.match(name)
         if m is not None:
             self._last_records[m.group("run")] = record
@@ -533,21 +601,30 @@ class ObjectStore(Store):
     def _put_record(self, name: str, token: str, body: bytes) -> None:
         """Create the commit record; when the PUT's outcome is unclear (a 412/409 after a retry
         of a PUT that landed, or a transport error), the record itself says who committed."""
-        try:
-            self._put(self._record_key(name), body, mode="create")
-            return
-        except _Exists:
-            failure: BaseException | None = None
-        except StoreUnavailableError as e:
-            failure = e
-        try:
-            rec = self._record(name)
-        except (CheckpointError, OSError) as e:
-            rec, failure = None, failure or e
-        if rec is not None and rec["token"] == token:
-            return  # this writer's PUT landed
-        if rec is not None:
-            raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self} (committed by another writer)")
+        for attempt in range(TRANSPORT_RETRIES + 1):
+            try:
+                self._put(self._record_key(name), body, mode="create")
+                return
+            except _Exists:
+                failure: BaseException | None = None
+            except StoreUnavailableError as e:
+                failure = e
+            try:
+                rec = self._record(name)
+            except (CheckpointError, OSError) as e:
+                rec, failure = None, failure or e
+            if rec is not None and rec["token"] == token:
+                return  # this writer's PUT landed
+            if rec is not None:
+                raise CheckpointExistsError(
+                    f"checkpoint {name!r} already exists in {self} (committed by another writer)"
+                )
+            # none there after a failure obstore did not retry (a connection reset mid-PUT): PUT
+            # it again.  Safe even if the first is still in flight: both are create-only and name
+            # this upload, so whichever lands first is the record and the other gets 412
+            if failure is None or _retried(failure) or attempt == TRANSPORT_RETRIES:
+                break
+            time.sleep(_BACKOFF * 2**attempt)
         # no record, and an error that may hide a PUT still landing: keep the upload (and its
         # marker), so that cleanup decides after the lease, by the record's token
         raise _OutcomeUnknown(
@@ -562,9 +639,18 @@ class ObjectStore(Store):
             rec: dict | None = self._record(name)
         except CheckpointError:
             rec = None  # a damaged record: removed all the same; its data is left to cleanup
+        if rec is not None:
+            # a marker first: if this delete dies between the record and the objects, cleanup
+            # still finds them by it, even once the id is committed again (with another token)
+            marker, now = self._marker_key(name, rec["token"]), time.time()
+            expires = now + min(self.upload_lease, DELETE_LEASE)
+            body = {"checkpoint_id": name, "token": rec["token"], "host": socket.gethostname(), "pid": os.getpid()}
+            body |= {"started_at": _iso(now), "expires_at": _iso(expires), "expires_at_unix": expires}
+            self._put(marker, json.dumps(body).encode())
         self._delete_keys([self._record_key(name)])  # the checkpoint is gone from here on
         if rec is not None:
             self._delete_prefix(rec["data"] + "/")
+            self._delete_keys([marker])
             mirror = os.path.join(self._cache, f"{name}.{rec['token']}")
             with self._lock:
                 self._mirrors.discard(mirror)
@@ -606,11 +692,9 @@ class ObjectStore(Store):
             if not (S.is_checkpoint_id(name) and _TOKEN_RE.match(token)):
                 continue  # not a marker this package writes: never acted on
             try:
-                expires = float(json.loads(self._get(o["path"], 1 << 16))["expires_at_unix"])
+                expires = self._marker_expiry(o)
             except _Missing:
                 continue  # finished meanwhile
-            except (ValueError, KeyError, TypeError, RecursionError, CheckpointFormatError):
-                expires = o["last_modified"].timestamp() + DEFAULT_UPLOAD_LEASE
             if expires > now:
                 continue  # a live upload
             # the marker goes first: a writer that overran its lease then fails its check before
@@ -636,6 +720,17 @@ class ObjectStore(Store):
                     removed += 1
         return removed
 
+    def _marker_expiry(self, o: dict) -> float:
+        """A listed marker's ``expires_at_unix``; read twice before calling it unreadable (a
+        body cut short on the way is not damage), then its age against the default lease."""
+        for attempt in (1, 2):
+            try:
+                return float(json.loads(self._get(o["path"], 1 << 16))["expires_at_unix"])
+            except (ValueError, KeyError, TypeError, RecursionError, CheckpointFormatError):
+                if attempt == 2:
+                    break
+        return o["last_modified"].timestamp() + DEFAULT_UPLOAD_LEASE
+
     def files(self, name: str) -> list[tuple[tuple, int, int]]:
         """Objects are never shared (no links in an object store): sizes from the record."""
         rec = self._record(name) if S.is_checkpoint_id(name) else None
@@ -645,6 +740,74 @@ class ObjectStore(Store):
 
     def tag_index(self, durable: bool = True) -> ObjectTagIndex:
         return ObjectTagIndex(self)
+
+
+class _Lease:
+    """An upload's lease on its objects: its marker (spec/FORMAT.md 3.2, step 2), PUT first and
+    re-PUT with a later expiry, from a background thread, whenever half of the lease has run.
+
+    A cleaner removes an upload once the marker it reads has expired, marker first.  A renewal
+    therefore counts only when it was answered before the expiry it extends: one answered
+    later may have landed after a cleaner removed the marker (and began on the objects), so
+    from then on the lease is lost, is never renewed again (that would bring back a marker for
+    objects being deleted), and the save fails before its commit record.  A renewal that
+    failed may still land later with an older expiry, so after one the commit checks the
+    marker again.  Writers' and cleaners' clocks are assumed to agree to well
+    within half a lease, as the expiry itself assumes."""
+
+    def __init__(self, store: ObjectStore, name: str, token: str, seconds: float) -> None:
+        self.store, self.key, self.seconds = store, store._marker_key(name, token), seconds
+        self.body = {"checkpoint_id": name, "token": token, "host": socket.gethostname(), "pid": os.getpid()}
+        self.expires = 0.0
+        self.lost: str | None = None
+        self.renewals = 0
+        self.unsure = False
+        """A renewal failed: it may still land, late, with an older expiry."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _put(self) -> float:
+        """PUT the marker with an expiry counted from now; return it once the PUT is answered
+        in time, or record the lease as lost."""
+        sent = time.time()
+        body = {
+            **self.body,
+            "started_at": self.body.setdefault("started_at", _iso(sent)),
+            "expires_at": _iso(sent + self.seconds),
+            "expires_at_unix": sent + self.seconds,
+        }
+        self.store._put(self.key, json.dumps(body).encode())
+        if self.expires and time.time() >= self.expires:
+            self.lost = f"a renewal was answered {time.time() - self.expires:.1f} s after the lease expired"
+        return sent + self.seconds
+
+    def acquire(self) -> None:
+        self.expires = self._put()
+        self._thread = threading.Thread(target=self._renew, name="cfs-s3-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while self.lost is None:
+            due = self.expires - self.seconds / 2 - time.time()
+            if self._stop.wait(max(due, 0.0)):
+                return
+            try:
+                expires = self._put()
+            except CheckpointError as e:  # retried within the retry config already; try again while it holds
+                self.unsure = True
+                if time.time() >= self.expires:
+                    self.lost = f"renewing it failed until it expired: {e}"
+                elif self._stop.wait(min(1.0, self.seconds / 8)):
+                    return
+                continue
+            if self.lost is None:
+                self.expires = expires
+                self.renewals += 1
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class _Mirror:
