@@ -304,6 +304,7 @@ def test_hostile_and_damaged_commit_records(s3_url, tmp_path):
     key = f".cfs-commits/{cid}.json"
     rec = json.loads(bytes(store._get(key)))
 
+    original = bytes(store._get(f"{rec['data']}/state/x/c.0"))
     # an object changed after the commit (a stray writer): refused by the record's CRC
     store._put(f"{rec['data']}/state/x/c.0", b"\0" * (8000 + 4))
     with pytest.raises(CheckpointCorruptError, match="does not match the commit record"):
@@ -334,9 +335,17 @@ def test_hostile_and_damaged_commit_records(s3_url, tmp_path):
         CheckpointManager(s3_url).load_checkpoint(cid)
     assert not os.path.exists(os.path.join(os.path.dirname(store._cache), "escape"))
 
-    for body in [b"not json", json.dumps({**rec, "checkpoint_id": "r-i000000000002"}).encode(), b"[]"]:
+    # the chunk whole again, so that each bad record below is refused for itself, not for the chunk
+    store._put(f"{rec['data']}/state/x/c.0", original)
+    store._put(key, json.dumps(rec).encode())
+    assert CheckpointManager(s3_url).load_checkpoint(cid)["state"]["x"].tobytes() == np.arange(1000.0).tobytes()
+    for body, match in [
+        (b"not json", "unreadable commit record"),
+        (json.dumps({**rec, "checkpoint_id": "r-i000000000002"}).encode(), "not a commit record of checkpoint"),
+        (b"[]", "not a commit record of checkpoint"),
+    ]:
         store._put(key, body)
-        with pytest.raises((CheckpointFormatError, CheckpointCorruptError)):
+        with pytest.raises((CheckpointFormatError, CheckpointCorruptError), match=match):
             CheckpointManager(s3_url).load_checkpoint(cid)
 
     # a damaged record does not block the store: cleanup goes on, delete removes it
