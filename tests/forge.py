@@ -12,8 +12,8 @@ import os
 
 import crc32c
 
-from computable_flows_shim import _spec as S
-from computable_flows_shim._codec import root_bytes
+from computable_flows_shim._format import spec as S
+from computable_flows_shim._format.root import root_bytes
 
 
 def load(path: str) -> dict:

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 from hypothesis import strategies as st
 
-from computable_flows_shim._dtypes import NAME_TO_DTYPE
+from computable_flows_shim._format.dtypes import NAME_TO_DTYPE
 
 ALL_DTYPES = sorted(NAME_TO_DTYPE.values(), key=str)
 Pair = collections.namedtuple("Pair", "first second")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from computable_flows_shim import build_flow, compute_certificates
-from computable_flows_shim._operators import _circulant_spectrum, gaussian_kernel
+from computable_flows_shim.flow._operators import _circulant_spectrum, gaussian_kernel
 
 
 def spec(op, n=256, tik=0.0, step="certified"):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from computable_flows_shim import CheckpointManager
-from computable_flows_shim._cli import main
+from computable_flows_shim.cli._main import main
 
 
 def test_run_ls_show_resume_rollback_verify_rm(tmp_path, capsys):

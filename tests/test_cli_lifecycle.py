@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from computable_flows_shim import CheckpointManager
-from computable_flows_shim._cli import main
+from computable_flows_shim.cli._main import main
 
 
 @pytest.fixture

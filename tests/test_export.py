@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from computable_flows_shim import CheckpointCorruptError, CheckpointManager, ExportError, export_checkpoint
-from computable_flows_shim._cli import main
+from computable_flows_shim.cli._main import main
 
 STATE = {
     "x": np.arange(24.0).reshape(2, 3, 4),

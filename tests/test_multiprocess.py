@@ -59,7 +59,7 @@ v = jax.make_array_from_callback(V.shape, NamedSharding(mesh, P(None, "d")), lam
 state = {"w": w, "v": v, "step": 7, "host": np.arange(5.0)}
 victim = int(os.environ.get("CFS_VICTIM", "-1"))
 if pid == victim and mode == "kill":  # stop at the commit barrier, after writing its shards
-    import computable_flows_shim._distributed as D
+    import computable_flows_shim.checkpoints._distributed as D
     def stop(client, name, timeout, what):
         if name.endswith("/written"):
             say("WRITTEN")

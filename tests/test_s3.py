@@ -401,7 +401,7 @@ def test_cli_runs_resumes_and_lists_on_s3(s3_url):
 
     def cfs(*args: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "computable_flows_shim._cli", "--store", s3_url, *args],
+            [sys.executable, "-m", "computable_flows_shim", "--store", s3_url, *args],
             capture_output=True,
             text=True,
             timeout=300,

@@ -4,18 +4,15 @@ Each checkpoint is a plain Zarr v3 group (see spec/FORMAT.md) that zarr-python,
 tensorstore, xarray and dask open without this package.
 """
 
-from ._certificates import compute_certificates
-from ._diff import CheckpointDiff, LeafDiff, diff_checkpoints
-from ._engine import FlowResult, resume_flow, run_flow
-from ._examples import EXAMPLES, make_example
-from ._export import export_checkpoint
-from ._flow import Flow, build_flow
-from ._lineage import RunInfo, format_run_tree, list_runs, open_run
-from ._manager import CheckpointInfo, CheckpointManager, VerifyReport
-from ._plot import plot_telemetry
-from ._primitives import F_Dis, F_Multi, F_Proj, soft_threshold
-from ._recorder import TelemetryRecorder
-from ._retention import (
+from computable_flows_shim._format.spec import FORMAT_NAME, FORMAT_VERSION
+from computable_flows_shim._types import CheckpointId, PyTree, RunId, Step
+from computable_flows_shim.analysis._diff import CheckpointDiff, LeafDiff, diff_checkpoints
+from computable_flows_shim.analysis._export import export_checkpoint
+from computable_flows_shim.analysis._plot import plot_telemetry
+from computable_flows_shim.analysis._xarray import open_telemetry
+from computable_flows_shim.checkpoints._lineage import RunInfo, format_run_tree, list_runs, open_run
+from computable_flows_shim.checkpoints._manager import CheckpointInfo, CheckpointManager, VerifyReport
+from computable_flows_shim.checkpoints._retention import (
     AnyOf,
     KeepBest,
     KeepEvery,
@@ -27,12 +24,7 @@ from ._retention import (
     RetentionReport,
     any_of,
 )
-from ._s3 import ObjectStore
-from ._spec import FORMAT_NAME, FORMAT_VERSION
-from ._store import LocalDirectoryStore, Store
-from ._types import CheckpointId, PyTree, RunId, Step
-from ._usage import CheckpointUsage, DiskUsage, RunUsage
-from ._view import (
+from computable_flows_shim.checkpoints._view import (
     CheckpointView,
     LazyArray,
     LeafInfo,
@@ -41,8 +33,7 @@ from ._view import (
     state_dataset,
     state_datatree,
 )
-from ._xarray import open_telemetry
-from .errors import (
+from computable_flows_shim.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointExistsError,
@@ -65,6 +56,16 @@ from .errors import (
     TargetMismatchError,
     UnsupportedLeafError,
 )
+from computable_flows_shim.flow._certificates import compute_certificates
+from computable_flows_shim.flow._engine import FlowResult, resume_flow, run_flow
+from computable_flows_shim.flow._examples import EXAMPLES, make_example
+from computable_flows_shim.flow._primitives import F_Dis, F_Multi, F_Proj, soft_threshold
+from computable_flows_shim.flow._recorder import TelemetryRecorder
+from computable_flows_shim.flow._spec import Flow, build_flow
+from computable_flows_shim.store._base import Store
+from computable_flows_shim.store._local import LocalDirectoryStore
+from computable_flows_shim.store._s3 import ObjectStore
+from computable_flows_shim.store._usage import CheckpointUsage, DiskUsage, RunUsage
 
 __version__ = "0.1.0"
 

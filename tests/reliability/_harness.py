@@ -235,7 +235,7 @@ class IOTracer:
         return result
 
     def install(self) -> None:
-        from computable_flows_shim import _store
+        from computable_flows_shim.store import _local as _store
 
         for name in WRAPPED:
             real = getattr(os, name)

@@ -404,7 +404,7 @@ case("format-name")(lambda c: c.edit("", lambda d: d["attributes"].update(format
 
 @case("checksum-keys-traversal")
 def _(c):  # validly signed root whose checksum list names a file outside
-    from computable_flows_shim._codec import root_bytes
+    from computable_flows_shim._format.root import root_bytes
 
     doc = c.meta("")
     doc["attributes"]["cfs_metadata_crc32c"]["state/../../../etc/zarr.json"] = 0

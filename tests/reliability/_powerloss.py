@@ -506,7 +506,7 @@ class Recorder:
         return remove
 
     def __enter__(self) -> Recorder:
-        from computable_flows_shim import _store
+        from computable_flows_shim.store import _local as _store
 
         wrappers = {
             "open": self._open,
@@ -530,7 +530,7 @@ class Recorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from computable_flows_shim import _store
+        from computable_flows_shim.store import _local as _store
 
         for name in _WRAPPED:
             setattr(os, name, self._real[name])

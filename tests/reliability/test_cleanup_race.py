@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from computable_flows_shim import CheckpointManager, CheckpointWriteError
-from computable_flows_shim._store import LocalDirectoryStore
+from computable_flows_shim.store._local import LocalDirectoryStore
 
 from .conftest import HERE, add, staging_entries
 

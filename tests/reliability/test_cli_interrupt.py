@@ -14,7 +14,7 @@ FINAL = "r-i000000001500"
 
 
 def cfs(*args, **kw):
-    return [sys.executable, "-m", "computable_flows_shim._cli", *args]
+    return [sys.executable, "-m", "computable_flows_shim", *args]
 
 
 def run_to_end(store):

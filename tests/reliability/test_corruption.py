@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 
 from computable_flows_shim import CheckpointError, CheckpointManager, ComputableFlowsError
-from computable_flows_shim._cli import main as cfs_main
+from computable_flows_shim.cli._main import main as cfs_main
 
 from .conftest import add, assert_same_tree
 

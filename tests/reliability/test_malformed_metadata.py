@@ -22,9 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from computable_flows_shim import ComputableFlowsError, _codec, _telemetry
-from computable_flows_shim._arrays import Layout, array_metadata, loads_metadata, parse_array
-from computable_flows_shim._tree import flatten, iter_leaf_nodes, scalar_value, unflatten
+from computable_flows_shim import ComputableFlowsError
+from computable_flows_shim._format import reader as _reader
+from computable_flows_shim._format import root as _root
+from computable_flows_shim._format import telemetry as _telemetry
+from computable_flows_shim._format.arrays import Layout, array_metadata, loads_metadata, parse_array
+from computable_flows_shim._format.tree import flatten, iter_leaf_nodes, scalar_value, unflatten
 
 from .conftest import add
 
@@ -204,7 +207,7 @@ def state_dir(tmp_path_factory):
 
 
 def sign(attrs: dict) -> bytes:
-    """``_codec.root_bytes`` as a hostile writer would run it: NaN literals allowed."""
+    """``_root.root_bytes`` as a hostile writer would run it: NaN literals allowed."""
     attrs = {k: v for k, v in attrs.items() if k != "cfs_root_crc32c"}
     body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, separators=(",", ":")).encode()
     head = body[:-2] + (b"," if attrs else b"")
@@ -212,12 +215,12 @@ def sign(attrs: dict) -> bytes:
 
 
 def check_root(doc: dict, raw: bytes, state_dir: str) -> None:
-    attrs, _ = _codec.parse_root(doc, raw, "where")
+    attrs, _ = _root.parse_root(doc, raw, "where")
 
     def leaf(kp, node):
         if node["kind"] == "scalar":
             return scalar_value(node, "where")
-        return _codec._safe_join(os.path.join(state_dir, "state"), node["path"], "where")
+        return _reader._safe_join(os.path.join(state_dir, "state"), node["path"], "where")
 
     list(iter_leaf_nodes(attrs["pytree"]))
     unflatten(attrs["pytree"], leaf)
@@ -256,7 +259,7 @@ def test_malformed_root_and_pytree(state_dir, data):
 @SETTINGS
 @given(st.data())
 def test_damaged_metadata_bytes(state_dir, data):
-    raw = bytearray(_codec.root_bytes(ROOT["attributes"], None))
+    raw = bytearray(_root.root_bytes(ROOT["attributes"], None))
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
         i = data.draw(st.integers(0, len(raw) - 1))

@@ -1,0 +1,471 @@
+"""Reading a checkpoint back, checking everything and naming the leaf and chunk of any damage:
+``state_leaves`` (the one walk from state leaves to stored arrays), ``read_state`` (eager,
+or into a target's types and shardings), ``read_region`` (a slice, only the chunks it
+touches), ``read_telemetry`` and ``verify_group``."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import numpy as np
+
+from computable_flows_shim._format import spec as S
+from computable_flows_shim._format import telemetry as T
+from computable_flows_shim._format.arrays import (
+    MAX_METADATA_BYTES,
+    Layout,
+    mirror_of,
+    open_regular,
+    parse_array,
+    read_chunk,
+    read_chunk_into,
+    read_failed,
+    read_json,
+)
+from computable_flows_shim._format.io import POOL, REMOTE_POOL, run_all
+from computable_flows_shim._format.root import crc32c_of, expected_crc, metadata_crcs, read_attrs
+from computable_flows_shim._format.tree import (
+    KEY_IMPLS,
+    check_against_target,
+    iter_leaf_nodes,
+    keystr,
+    scalar_value,
+    target_leaves,
+    unflatten,
+)
+from computable_flows_shim._types import PyTree
+from computable_flows_shim.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointTooLargeError,
+    TargetMismatchError,
+)
+
+
+def _safe_join(root: str, relpath: str, where: str) -> str:
+    """Join a stored '/'-path under ``root``; refuse anything that could leave it."""
+    parts = relpath.split("/")
+    if (
+        not relpath
+        or relpath.startswith("/")
+        or "\\" in relpath
+        or "\x00" in relpath
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise CheckpointFormatError(f"{where}: unsafe path {relpath!r}")
+    path = os.path.join(root, *parts)
+    # no symlink anywhere from the checkpoint down: not root (state/, telemetry/), not on the way
+    if os.path.islink(root):
+        raise CheckpointFormatError(f"{where}: {os.path.basename(root)} is a symlink")
+    real_root = os.path.realpath(root)
+    if os.path.realpath(path) != os.path.join(real_root, *parts):
+        raise CheckpointFormatError(f"{where}: path {relpath!r} goes through a symlink")
+    return path
+
+
+@dataclass
+class StoredArray:
+    """An array of a checkpoint, its metadata parsed and checked, bytes not read."""
+
+    where: str
+    dirpath: str
+    layout: Layout
+    crcs: list[int]
+    attrs: dict
+
+    @property
+    def key_impl(self) -> str | None:
+        impl = self.attrs.get(S.AA_KEY_IMPL)
+        if impl is not None and impl not in KEY_IMPLS:
+            raise CheckpointFormatError(f"{self.where}: unknown PRNG key implementation {impl!r}")
+        return impl
+
+    def chunk_tasks(self, out: np.ndarray) -> list[Callable[[], None]]:
+        return [
+            partial(read_chunk_into, out, self.layout, c, self.dirpath, crc, self.where)
+            for c, crc in zip(self.layout.coords(), self.crcs)
+        ]
+
+    def empty(self, backed: bool = False) -> np.ndarray:
+        """The array to restore into, after :meth:`check_backed` (unless ``backed``: done)."""
+        layout = self.layout
+        if not backed:
+            self.check_backed()
+        _check_fits_in_memory(self.nbytes, self.where)
+        try:
+            return np.empty(layout.shape, dtype=object if layout.dtype is None else layout.dtype)
+        except (MemoryError, ValueError) as e:
+            raise CheckpointTooLargeError(f"{self.where}: cannot allocate shape {layout.shape} ({e})") from e
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the restored array (8 per string for text: the object array itself)."""
+        return math.prod(self.layout.shape) * (8 if self.layout.dtype is None else self.layout.dtype.itemsize)
+
+    def check_backed(self) -> None:
+        """Before allocating a large array (or any text array, whose ``None``-filled object
+        array is touched at once), check that the chunk files can hold it: a shape they
+        cannot hold is damage, and must not cost its memory."""
+        layout = self.layout
+        per_chunk = math.prod(layout.chunk_shape)
+        if layout.dtype is None:
+            self._check_chunk_sizes(4 + 4 * per_chunk + 4, exact=False)  # count, one length per string, CRC
+        elif self.nbytes > 64 << 20:
+            self._check_chunk_sizes(per_chunk * layout.dtype.itemsize + 4, exact=True)
+
+    def _check_chunk_sizes(self, size: int, exact: bool) -> None:
+        for c in self.layout.coords():
+            key = self.layout.key(c)
+            path = os.path.join(self.dirpath, *key.split("/"))
+            try:
+                found: int | None = os.lstat(path).st_size
+            except FileNotFoundError:
+                hit = mirror_of(path)  # a remote checkpoint: the size its commit record gives
+                found = hit[0].size(hit[1]) if hit is not None else None
+            except OSError:
+                found = None
+            if found is None:
+                raise CheckpointCorruptError(f"{self.where}, chunk {key!r}: chunk file missing") from None
+            if found != size if exact else found < size:
+                raise CheckpointCorruptError(
+                    f"{self.where}, chunk {key!r}: chunk file has {found} bytes, "
+                    f"{'expected' if exact else 'too few for the shape, at least'} {size}"
+                )
+
+
+def open_array(root: str, relpath: str, where: str) -> StoredArray:
+    """An array of the checkpoint whose ``state/`` or ``telemetry/`` directory is ``root``,
+    its zarr.json checked against the checkpoint's metadata checksums when it has them."""
+    dirpath = _safe_join(root, relpath, where)
+    crcs = metadata_crcs(os.path.dirname(root), where)
+    key = f"{os.path.basename(root)}/{relpath}/zarr.json"
+    meta = read_json(os.path.join(dirpath, "zarr.json"), where, expected_crc(crcs, key, where))
+    layout, chunk_crcs, attrs = parse_array(meta, where)
+    return StoredArray(where, dirpath, layout, chunk_crcs, attrs)
+
+
+def _normalize_index(key: Any, shape: tuple[int, ...], name: str) -> list[int | slice]:
+    key = key if isinstance(key, tuple) else (key,)
+    if sum(k is Ellipsis for k in key) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if Ellipsis in key:
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
+    if len(key) > len(shape):
+        raise IndexError(f"too many indices for array: array is {len(shape)}-dimensional, {len(key)} were indexed")
+    key = key + (slice(None),) * (len(shape) - len(key))
+    out: list[int | slice] = []
+    for d, (k, n) in enumerate(zip(key, shape)):
+        if isinstance(k, slice):
+            out.append(k)
+            continue
+        try:
+            i = operator.index(k)
+        except TypeError:
+            raise TypeError(
+                f"{name}: LazyArray supports ints, slices and '...', got {type(k).__name__}"
+            ) from None
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of bounds for axis {d} with size {n}")
+        out.append(i % n)
+    return out
+
+
+def read_region(stored: StoredArray, key: Any, name: str) -> tuple[np.ndarray, int]:
+    """``stored[key]`` for basic indexing (ints, slices with steps, ``...``), reading and
+    checking only the chunks it touches; returns the result and how many chunks were read."""
+    shape = stored.layout.shape
+    idx = _normalize_index(key, shape, name)
+    layout = stored.layout
+    dtype = layout.dtype if layout.dtype is not None else np.dtype(object)
+    chunks_read = 0
+    ranges = [range(k, k + 1) if isinstance(k, int) else range(*k.indices(n)) for k, n in zip(idx, shape)]
+    box_lo = [min(r[0], r[-1]) if len(r) else 0 for r in ranges]
+    box_hi = [max(r[0], r[-1]) + 1 if len(r) else 0 for r in ranges]
+    buf = np.empty([hi - lo for lo, hi in zip(box_lo, box_hi)], dtype=dtype)
+    if buf.size:
+        per_dim: list[Sequence[int]] = []
+        for r, c in zip(ranges, layout.chunk_shape):
+            if abs(r.step) <= c:
+                lo, hi = min(r[0], r[-1]), max(r[0], r[-1])
+                per_dim.append(range(lo // c, hi // c + 1))
+            else:
+                per_dim.append(sorted({i // c for i in r}))
+        crc_index: dict[tuple[int, ...], int] = {c: i for i, c in enumerate(layout.coords())}
+        for coords in itertools.product(*per_dim):
+            chunk = read_chunk(layout, coords, stored.dirpath, stored.crcs[crc_index[coords]], stored.where)
+            chunks_read += 1
+            region = layout.region(coords)
+            src, dst = [], []
+            for s, lo, hi in zip(region, box_lo, box_hi):
+                a, b = max(s.start, lo), min(s.stop, hi)
+                src.append(slice(a - s.start, b - s.start))
+                dst.append(slice(a - lo, b - lo))
+            buf[tuple(dst)] = chunk[tuple(src)]
+    rel = tuple(_relative(k, r, lo) for k, r, lo in zip(idx, ranges, box_lo))
+    out = buf[rel]
+    # numpy gives a 0-d array (not a scalar) for a[...]; so do we
+    has_ellipsis = key is Ellipsis or (isinstance(key, tuple) and any(k is Ellipsis for k in key))
+    return (np.asarray(out) if has_ellipsis else out), chunks_read
+
+
+def _relative(k: int | slice, r: range, lo: int) -> int | slice:
+    """Index ``k`` (covering ``r``) re-expressed inside a buffer that starts at ``lo``."""
+    if isinstance(k, int):
+        return k - lo
+    if not len(r):
+        return slice(0, 0)
+    stop = r[-1] - lo + (1 if r.step > 0 else -1)
+    return slice(r.start - lo, stop if stop >= 0 else None, r.step)
+
+
+def check_group_metadata(dirpath: str, prefix: str, skip: set[str], where: str) -> None:
+    """Check every checksummed zarr.json under ``prefix`` that is not in ``skip`` (the group
+    documents a load does not otherwise read): a load detects damage anywhere in the
+    metadata, not only in the files it needs."""
+    crcs = metadata_crcs(dirpath, where)
+    for key, crc in (crcs or {}).items():
+        if key.startswith(prefix) and key not in skip:
+            # the bytes only: state/zarr.json holds consolidated metadata that a load never parses
+            fd, _ = open_regular(_safe_join(dirpath, key, where), f"{where}, {key}", "zarr.json")
+            try:
+                with os.fdopen(fd, "rb") as f:
+                    got = crc32c_of(f.read(MAX_METADATA_BYTES + 1))
+            except OSError as e:
+                raise read_failed(e, f"{where}, {key}", "zarr.json") from e
+            if got != crc:
+                raise CheckpointCorruptError(f"{where}: {key} does not match its checksum in the root metadata")
+
+
+def _check_fits_in_memory(nbytes: int, where: str) -> None:
+    """Refuse to restore more than the machine's physical memory: the chunk files may be
+    sparse, so a hostile checkpoint could otherwise make a load fill all memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > total:
+        raise CheckpointTooLargeError(f"{where}: restoring needs {nbytes} bytes, more than this machine's {total}")
+
+
+def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
+    for a in arrays:
+        a.check_backed()
+    if arrays:
+        _check_fits_in_memory(sum(a.nbytes for a in arrays), arrays[0].where.split(", leaf")[0])
+    outs = [a.empty(backed=True) for a in arrays]
+    tasks = [t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)]
+    # chunks of a remote checkpoint are fetched by these tasks: many requests in flight
+    run_all(tasks, REMOTE_POOL if any(mirror_of(a.dirpath) for a in arrays) else POOL)
+    return outs
+
+
+def _leaf_where(checkpoint: str, kp: tuple) -> str:
+    return f"checkpoint {checkpoint!r}, leaf {keystr(kp)}"
+
+
+def state_leaves(
+    dirpath: str, attrs: dict, checkpoint: str, check_metadata: bool = True
+) -> list[tuple[tuple, dict, StoredArray | None]]:
+    """The one walk from a checkpoint's state leaves to its stored arrays: ``(key path, tree
+    node, StoredArray or None for a Python scalar)`` in tree order, metadata parsed and
+    checked, no chunk read.  ``check_metadata``: also check every other checksummed
+    ``zarr.json`` of ``state/`` (a load does, to find damage anywhere in the metadata)."""
+    state_dir = os.path.join(dirpath, S.STATE_GROUP)
+    out: list[tuple[tuple, dict, StoredArray | None]] = []
+    for kp, node in iter_leaf_nodes(attrs[S.A_TREE], where=f"checkpoint {checkpoint!r}"):
+        if node["kind"] == "array":
+            out.append((kp, node, open_array(state_dir, node["path"], _leaf_where(checkpoint, kp))))
+        else:
+            out.append((kp, node, None))
+    if check_metadata:
+        arrays = {f"{S.STATE_GROUP}/{node['path']}/zarr.json" for _, node, s in out if s is not None}
+        check_group_metadata(dirpath, S.STATE_GROUP + "/", arrays, f"checkpoint {checkpoint!r}")
+    return out
+
+
+def _finish_leaf(node: dict, arr: np.ndarray, stored: StoredArray, kp: tuple, checkpoint: str) -> Any:
+    impl = stored.key_impl
+    if impl is not None:
+        try:
+            return jax.random.wrap_key_data(arr, impl=impl)  # type: ignore[arg-type]
+        except (ValueError, TypeError) as e:
+            raise CheckpointFormatError(f"{_leaf_where(checkpoint, kp)}: bad PRNG key data ({e})") from None
+    return arr[()] if node.get("numpy_scalar") and arr.ndim == 0 else arr
+
+
+def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None) -> PyTree:
+    """The state pytree; with ``target``, matched and checked leaf by leaf."""
+    nodes = state_leaves(dirpath, attrs, checkpoint)
+    if target is None:
+        stored = [s for _, _, s in nodes if s is not None]
+        values = dict(zip((id(s) for s in stored), read_arrays(stored)))
+        by_kp = {kp: (node, s) for kp, node, s in nodes}
+
+        def leaf_value(kp: tuple, node: dict) -> Any:
+            n, s = by_kp[kp]
+            if s is None:
+                return scalar_value(n, _leaf_where(checkpoint, kp))
+            return _finish_leaf(n, values[id(s)], s, kp, checkpoint)
+
+        return unflatten(attrs[S.A_TREE], leaf_value)
+
+    pairs, treedef = target_leaves(target)
+    by_kp = {kp: (node, s) for kp, node, s in nodes}
+    missing = [kp for kp, _ in pairs if kp not in by_kp]
+    extra = sorted(set(by_kp) - {kp for kp, _ in pairs}, key=repr)
+    if missing or extra:
+        raise TargetMismatchError(
+            f"checkpoint {checkpoint!r}: target does not match the stored tree; "
+            f"missing from checkpoint: {[keystr(k) for k in missing[:5]]}, "
+            f"not in target: {[keystr(k) for k in extra[:5]]}"
+        )
+    for kp, expected in pairs:
+        node, s = by_kp[kp]
+        if s is not None:
+            check_against_target(
+                kp, expected, s.layout.shape, s.layout.dtype or np.dtype(object), s.key_impl, checkpoint
+            )
+        elif hasattr(expected, "shape"):
+            raise TargetMismatchError(f"{_leaf_where(checkpoint, kp)}: target expects an array, stored a Python scalar")
+    sharded = {kp for kp, expected in pairs if by_kp[kp][1] is not None and _multi_device(expected)}
+    needed = [s for kp, _ in pairs if (s := by_kp[kp][1]) is not None and kp not in sharded]
+    arrays = dict(zip((id(s) for s in needed), read_arrays(needed)))
+    leaves: list[Any] = []
+    for kp, expected in pairs:
+        node, s = by_kp[kp]
+        if s is None:
+            leaves.append(scalar_value(node, _leaf_where(checkpoint, kp)))
+            continue
+        if kp in sharded:
+            # each device reads only the chunks its shard touches: the whole array is never on the host
+            def region(index: Any, s: StoredArray = s, kp: tuple = kp) -> np.ndarray:
+                return read_region(s, index, keystr(kp))[0]
+
+            leaves.append(jax.make_array_from_callback(s.layout.shape, expected.sharding, region))
+            continue
+        v = _finish_leaf(node, arrays[id(s)], s, kp, checkpoint)
+        if isinstance(expected, (jax.Array, jax.ShapeDtypeStruct)):
+            sharding = getattr(expected, "sharding", None)
+            v = jax.device_put(v, sharding) if sharding is not None else jax.device_put(v)
+        elif isinstance(expected, np.generic) and isinstance(v, np.ndarray):
+            v = v[()]
+        leaves.append(v)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _multi_device(expected: Any) -> bool:
+    """A target leaf whose sharding spans several devices (PRNG keys excluded)."""
+    sharding = getattr(expected, "sharding", None)
+    dtype = getattr(expected, "dtype", None)
+    if sharding is None or dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return False
+    return len(sharding.device_set) > 1
+
+
+def read_telemetry(dirpath: str, checkpoint: str) -> dict:
+    """The telemetry history: ``{column: 1-D array, ..., "events": [dict, ...]}``."""
+    tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
+    names = _telemetry_names(tdir, checkpoint)
+    stored = [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}") for n in names]
+    cols = dict(zip(names, read_arrays(stored)))
+    ev = {k: cols.pop(k) for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD)}
+    try:
+        cols["events"] = T.events_from_columns(ev)  # type: ignore[assignment]
+    except (ValueError, TypeError, RecursionError) as e:
+        raise CheckpointCorruptError(f"checkpoint {checkpoint!r}, telemetry events: {e}") from None
+    return cols
+
+
+def _telemetry_names(tdir: str, checkpoint: str) -> list[str]:
+    """The telemetry arrays: every child directory (each must be a valid array); with
+    metadata checksums, exactly the columns they list (a lost or added column is damage)."""
+    where = f"checkpoint {checkpoint!r}, telemetry"
+    if os.path.islink(tdir):
+        raise CheckpointFormatError(f"{where}: telemetry is a symlink")
+    crcs = metadata_crcs(os.path.dirname(tdir), f"checkpoint {checkpoint!r}")
+    read_json(os.path.join(tdir, "zarr.json"), where, expected_crc(crcs, f"{S.TELEMETRY_GROUP}/zarr.json", where))
+    try:
+        with os.scandir(tdir) as it:
+            names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"checkpoint {checkpoint!r}: telemetry group missing") from None
+    except OSError as e:
+        raise CheckpointCorruptError(f"{where}: cannot list the telemetry group ({e})") from None
+    if crcs is not None:
+        listed = {k.split("/")[1] for k in crcs if k.startswith(S.TELEMETRY_GROUP + "/") and k.count("/") == 2}
+        for n in sorted(listed - set(names)):
+            raise CheckpointCorruptError(f"{where}: column {n!r} missing")
+        for n in sorted(set(names) - listed):
+            raise CheckpointCorruptError(f"{where}: unexpected column {n!r} (not in the metadata checksums)")
+    for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD):
+        if k not in names:
+            raise CheckpointCorruptError(f"checkpoint {checkpoint!r}, telemetry: missing {k!r}")
+    return names
+
+
+def verify_group(dirpath: str, checkpoint: str) -> list[str]:
+    """Read every chunk of every array; return one line per problem found (empty: intact)."""
+    problems: list[str] = []
+    try:
+        attrs = read_attrs(dirpath, f"checkpoint {checkpoint!r}")
+        crcs = metadata_crcs(dirpath, f"checkpoint {checkpoint!r}")
+        arrays = [s for _, _, s in state_leaves(dirpath, attrs, checkpoint) if s is not None]
+        tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
+        arrays += [
+            open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")
+            for n in _telemetry_names(tdir, checkpoint)
+        ]
+    except CheckpointError as e:
+        return [str(e)]
+    expected_files = {os.path.join(dirpath, "zarr.json")}
+    expected_files.update(os.path.join(dirpath, *k.split("/")) for k in crcs or {})
+    for a in arrays:
+        try:
+            out = a.empty()
+            tasks = a.chunk_tasks(out)
+        except CheckpointError as e:
+            problems.append(str(e))
+            tasks = []
+        for task in tasks:
+            try:
+                task()
+            except CheckpointError as e:
+                problems.append(str(e))
+        expected_files.add(os.path.join(a.dirpath, "zarr.json"))
+        expected_files.update(os.path.join(a.dirpath, *a.layout.key(c).split("/")) for c in a.layout.coords())
+    for base, dirs, files in os.walk(dirpath):
+        # a symlink is never part of a checkpoint, even one to a directory (which os.walk lists as one)
+        for f in files + [d for d in dirs if os.path.islink(os.path.join(base, d))]:
+            p = os.path.join(base, f)
+            if p not in expected_files and (crcs is not None or f != "zarr.json" or os.path.islink(p)):
+                problems.append(f"checkpoint {checkpoint!r}: unexpected file {os.path.relpath(p, dirpath)!r}")
+    if not problems:  # the bytes are intact: now everything load checks beyond them
+        try:
+            read_state(dirpath, attrs, checkpoint)
+            read_telemetry(dirpath, checkpoint)
+        except CheckpointError as e:
+            problems.append(str(e))
+    return problems
+
+
+__all__ = [
+    "StoredArray",
+    "open_array",
+    "read_region",
+    "check_group_metadata",
+    "read_arrays",
+    "state_leaves",
+    "read_state",
+    "read_telemetry",
+    "verify_group",
+]

@@ -1,0 +1,422 @@
+"""Writing a checkpoint's content as one Zarr v3 group into an (empty, staging) directory:
+``write_group`` (``make_dirs``, ``write_chunks``, ``write_metadata``) puts the root
+``zarr.json`` with the checkpoint attributes, ``state/`` with one array per pytree leaf and
+``telemetry/`` with the columns and the events log, every file and directory fsynced when
+``durable``; chunks identical to the run's previous checkpoint are hard-linked; ``link_group``
+fills a rollback.  Committing (rename into place) is the store's job, not this module's."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import numpy as np
+
+from computable_flows_shim._format import spec as S
+from computable_flows_shim._format import telemetry as T
+from computable_flows_shim._format.arrays import (
+    TARGET_CHUNK_BYTES,
+    Layout,
+    array_metadata,
+    chunk_buffers,
+    group_metadata,
+    parse_array,
+    read_json,
+    read_json_raw,
+    slab_chunk_shape,
+    store_chunk,
+    write_chunk,
+    write_file,
+)
+from computable_flows_shim._format.dtypes import EXTENSION_NAMES
+from computable_flows_shim._format.io import fsync_dir, run_all, run_batched, sync_file
+from computable_flows_shim._format.root import crc32c_of, dump_json, root_bytes
+from computable_flows_shim._format.tree import (
+    Leaf,
+    flatten,
+)
+from computable_flows_shim._types import PyTree
+from computable_flows_shim.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+)
+
+TELEMETRY_CHUNK = 65536
+"""Samples per telemetry chunk."""
+
+
+@dataclass
+class ShardedData:
+    """A sharded ``jax.Array`` leaf, never gathered: the blocks this process writes (its
+    addressable shards with ``replica_id == 0``), each ``(index, data)`` with ``index`` the
+    block's region of the global array and ``data`` the shard's single-device array
+    (copied to host, that shard alone, when written) or its host snapshot."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    block_shape: tuple[int, ...]
+    blocks: list[tuple[tuple[slice, ...], Any]]
+    is_global: bool = False  # spans several processes (not fully addressable)
+
+    @classmethod
+    def of(cls, x: jax.Array) -> ShardedData:
+        shape = tuple(x.shape)
+        blocks = []
+        for shard in x.addressable_shards:
+            if shard.replica_id == 0:
+                index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(shard.index, shape))
+                blocks.append((index, shard.data))
+        return cls(shape, np.dtype(x.dtype), tuple(x.sharding.shard_shape(x.shape)), blocks, not x.is_fully_addressable)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks this process writes."""
+        return sum(math.prod(s.stop - s.start for s in index) for index, _ in self.blocks) * self.itemsize
+
+    def snapshot(self) -> ShardedData:
+        """The same blocks copied to host memory (an async save's snapshot): shard by shard."""
+        copies = run_batched(
+            [partial(np.array, d, copy=True) for _, d in self.blocks],
+            [math.prod(s.stop - s.start for s in i) * self.itemsize for i, _ in self.blocks],
+        )
+        blocks = [(i, c) for (i, _), c in zip(self.blocks, copies)]
+        return ShardedData(self.shape, self.dtype, self.block_shape, blocks, self.is_global)
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit`` (at least 1)."""
+    best, d = 1, 1
+    while d * d <= n:
+        if n % d == 0:
+            for c in (d, n // d):
+                if best < c <= limit:
+                    best = c
+        d += 1
+    return best
+
+
+def shard_chunk_shape(
+    shape: tuple[int, ...], block: tuple[int, ...], itemsize: int, target: int = TARGET_CHUNK_BYTES
+) -> tuple[int, ...]:
+    """The chunk shape of a sharded array: its shard block, subdivided along the leading
+    axes (by divisors, so chunks nest in shards) while a chunk exceeds ``target`` bytes.
+    A block that is the whole array (replicated) gets the usual slab chunks."""
+    if tuple(block) == tuple(shape):
+        return slab_chunk_shape(shape, itemsize, target)
+    chunk = [max(1, b) for b in block]
+    for i in range(len(chunk)):
+        if math.prod(chunk) * itemsize <= target:
+            break
+        rest = math.prod(chunk[i + 1 :]) * itemsize
+        chunk[i] = _largest_divisor(chunk[i], max(1, target // rest))
+    return tuple(chunk)
+
+
+@dataclass
+class _Array:
+    path: str  # relative to the checkpoint root, '/'-separated
+    data: np.ndarray | ShardedData
+    layout: Layout
+    dims: list[str]
+    attrs: dict
+
+
+def _state_arrays(leaves: list[Leaf]) -> list[_Array]:
+    out = []
+    for leaf in leaves:
+        attrs = {S.AA_KEY_IMPL: leaf.key_impl} if leaf.key_impl else {}
+        a: np.ndarray | ShardedData
+        if isinstance(leaf.array, jax.Array):  # sharded: chunk grid = shard blocks, written shard by shard
+            a = ShardedData.of(leaf.array)
+            layout = Layout(a.shape, a.dtype, shard_chunk_shape(a.shape, a.block_shape, a.itemsize))
+        else:
+            a = np.require(leaf.array, requirements="C")
+            layout = Layout(a.shape, a.dtype, slab_chunk_shape(a.shape, a.itemsize))
+        out.append(
+            _Array(f"{S.STATE_GROUP}/{leaf.path}", a, layout, [f"{leaf.path}.d{i}" for i in range(len(a.shape))], attrs)
+        )
+    return out
+
+
+def _telemetry_arrays(cols: dict[str, np.ndarray], events: list[dict]) -> list[_Array]:
+    out = []
+    for dim, group in ((S.T_SAMPLE_DIM, cols), (S.T_EVENT_DIM, T.event_columns(events))):
+        for name, col in group.items():
+            dtype = None if col.dtype == object else col.dtype
+            layout = Layout(col.shape, dtype, (max(1, min(TELEMETRY_CHUNK, len(col))),))
+            data = col if dtype is None else np.require(col, requirements="C")
+            out.append(_Array(f"{S.TELEMETRY_GROUP}/{name}", data, layout, [dim], {}))
+    return out
+
+
+@dataclass
+class Prepared:
+    """A checkpoint's content, flattened and checked, ready to write (``copy=True``
+    snapshots every array so the caller may change or free its state at once)."""
+
+    attrs: dict
+    arrays: list[_Array]
+
+    @classmethod
+    def of(cls, attrs: dict, state: PyTree, telemetry_history: Any, copy: bool = False) -> Prepared:
+        tree, leaves = flatten(state)
+        cols, events = T.normalize(telemetry_history)
+        attrs = {**attrs, S.A_TELEMETRY_SUMMARY: T.summarize(cols, events, attrs[S.A_ITERATION]), S.A_TREE: tree}
+        arrays = _state_arrays(leaves) + _telemetry_arrays(cols, events)
+        if copy:  # the snapshot of an async save: numpy copies release the GIL, so copy in parallel
+            plain = [a for a in arrays if not isinstance(a.data, ShardedData)]
+            sizes = [a.data.nbytes for a in plain]
+            copies = run_batched([partial(np.array, a.data, copy=True) for a in plain], sizes)
+            for a, c in zip(plain, copies):
+                a.data = c
+            for a in arrays:
+                if isinstance(a.data, ShardedData):
+                    a.data = a.data.snapshot()
+        return cls(attrs, arrays)
+
+
+@dataclass
+class WriteStats:
+    """What a save wrote: new bytes, and chunks hard-linked from an earlier checkpoint."""
+
+    bytes_written: int = 0
+    chunks_written: int = 0
+    chunks_linked: int = 0
+    bytes_linked: int = 0
+
+
+def _base_chunks(base_dir: str | None, arr: _Array) -> list[tuple[str, int] | None]:
+    """For each chunk of ``arr``: the chunk at the same grid position in ``base_dir``'s
+    array of the same path, dtype and chunk shape (the shapes may differ: a telemetry
+    column grows between checkpoints, and its full chunks stay the same).  Whether
+    the bytes really are the same is checked when writing."""
+    none: list[tuple[str, int] | None] = [None] * arr.layout.nchunks
+    if base_dir is None:
+        return none
+    try:
+        adir = os.path.join(base_dir, *arr.path.split("/"))
+        layout, crcs, _ = parse_array(read_json(os.path.join(adir, "zarr.json"), adir), adir)
+    except (CheckpointError, OSError):
+        return none
+    if (layout.dtype, layout.chunk_shape, layout.separator) != (
+        arr.layout.dtype,
+        arr.layout.chunk_shape,
+        arr.layout.separator,
+    ):
+        return none
+    base = {c: (os.path.join(adir, layout.key(c)), crc) for c, crc in zip(layout.coords(), crcs)}
+    return [base.get(c) for c in arr.layout.coords()]
+
+
+def _groups(arrays: list[_Array]) -> set[str]:
+    groups = {"", S.STATE_GROUP, S.TELEMETRY_GROUP}
+    for arr in arrays:
+        parts = arr.path.split("/")
+        groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return groups
+
+
+def make_dirs(dirpath: str, prepared: Prepared) -> None:
+    """Create every group and array directory of the checkpoint in the empty ``dirpath``."""
+    for g in sorted(_groups(prepared.arrays), key=lambda p: p.count("/")):
+        if g:
+            os.mkdir(os.path.join(dirpath, *g.split("/")))
+    run_batched([partial(os.mkdir, os.path.join(dirpath, *a.path.split("/"))) for a in prepared.arrays])
+
+
+def _write_block(
+    arr: _Array, index: tuple[slice, ...], data: Any, adir: str, durable: bool, bases: dict
+) -> list[tuple[tuple[int, ...], int, int]]:
+    """Write the chunks of one shard block from that shard alone, copied to host here;
+    returns ``(coords, crc32c, bytes written)`` per chunk.  Chunks nest in blocks, so the
+    block is an array of its own with the same chunk shape, offset in the chunk grid."""
+    host = np.require(np.asarray(data), requirements="C")  # this shard only, never the global array
+    layout = arr.layout
+    block = Layout(host.shape, layout.dtype, layout.chunk_shape, layout.separator)
+    offset = [s.start // c for s, c in zip(index, layout.chunk_shape)]
+    out = []
+    for local in block.coords():
+        coords = tuple(o + c for o, c in zip(offset, local))
+        path = os.path.join(adir, layout.key(coords))
+        crc, n = store_chunk(chunk_buffers(host, block, local), path, durable, bases.get(coords))
+        out.append((coords, crc, n))
+    return out
+
+
+def _write_one(
+    data: np.ndarray, layout: Layout, coords: tuple[int, ...], adir: str, durable: bool, base: tuple[str, int] | None
+) -> list[tuple[tuple[int, ...], int, int]]:
+    return [(coords, *write_chunk(data, layout, coords, adir, durable, base))]
+
+
+def _chunk_weight(arr: _Array) -> int:
+    """Bytes of one chunk (16 per string for text: a guess, for batching only)."""
+    return math.prod(arr.layout.chunk_shape) * (arr.data.itemsize if arr.layout.dtype is not None else 16)
+
+
+def write_chunks(
+    dirpath: str,
+    prepared: Prepared,
+    durable: bool = True,
+    base_dir: str | None = None,
+    global_only: bool = False,
+) -> tuple[dict[str, dict[int, int]], WriteStats]:
+    """Write the chunk files this process owns into ``dirpath`` (after :func:`make_dirs`):
+    every chunk of a plain array, and the chunks of a sharded array's blocks this process
+    holds (``global_only``: only the blocks of global arrays, those spanning processes, for the
+    non-zero processes of a multi-process save: process 0 writes everything else).
+    Returns the CRC32C of each written chunk, by array path and C-order chunk index."""
+    tasks: list[Callable[[], Any]] = []
+    weights: list[int] = []
+    owners: list[_Array] = []
+    for arr in prepared.arrays:
+        if global_only and not (isinstance(arr.data, ShardedData) and arr.data.is_global):
+            continue
+        adir = os.path.join(dirpath, *arr.path.split("/"))
+        bases = _base_chunks(base_dir, arr)
+        size = _chunk_weight(arr)
+        if isinstance(arr.data, ShardedData):
+            by_coords = dict(zip(arr.layout.coords(), bases))
+            for index, data in arr.data.blocks:
+                tasks.append(partial(_write_block, arr, index, data, adir, durable, by_coords))
+                weights.append(math.prod(s.stop - s.start for s in index) * arr.data.itemsize)
+                owners.append(arr)
+            continue
+        for coords, base in zip(arr.layout.coords(), bases):
+            tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base))
+            weights.append(size)
+            owners.append(arr)
+    results = run_batched(tasks, weights)
+    stats = WriteStats()
+    crcs: dict[str, dict[int, int]] = {a.path: {} for a in owners}
+    for arr, written in zip(owners, results):
+        csize = _chunk_weight(arr)
+        for coords, crc, n in written:
+            crcs[arr.path][int(np.ravel_multi_index(coords, arr.layout.grid)) if coords else 0] = crc
+            stats.bytes_written += n
+            stats.chunks_written += n > 0
+            stats.chunks_linked += n == 0
+            stats.bytes_linked += csize if n == 0 else 0
+    return crcs, stats
+
+
+def write_metadata(dirpath: str, prepared: Prepared, crcs: dict[str, dict[int, int]], durable: bool = True) -> None:
+    """Write every zarr.json (the root last), given every chunk's CRC32C, and fsync the
+    directories.  Raises CheckpointWriteError if a chunk has no CRC (nobody wrote it)."""
+    attrs, arrays = prepared.attrs, prepared.arrays
+    groups = _groups(arrays)
+    manifests: dict[str, list[int]] = {}
+    for a in arrays:
+        got = crcs.get(a.path, {})
+        missing = [i for i in range(a.layout.nchunks) if i not in got]
+        if missing:
+            raise CheckpointWriteError(
+                f"{a.path}: {len(missing)} of {a.layout.nchunks} chunks were not written (first: {missing[0]})"
+            )
+        manifests[a.path] = [got[i] for i in range(a.layout.nchunks)]
+
+    metas = {a.path: array_metadata(a.layout, a.dims, {**a.attrs, S.AA_CRC32C: manifests[a.path]}) for a in arrays}
+
+    def consolidated(prefix: str) -> dict | None:
+        """zarr-python's inline consolidated metadata of everything under ``prefix``.
+
+        xarray.open_zarr(path, group=...) looks for it at the root.  A reader that
+        does not know an extension data type (zarr-python and bfloat16) fails on
+        the whole document, so it is written only where every array below uses a
+        core Zarr v3 type (spec/FORMAT.md, "Consolidated metadata")."""
+        pre = prefix + "/" if prefix else ""
+        inner = {p[len(pre) :]: m for p, m in metas.items() if p.startswith(pre)}
+        if any(m["data_type"] in EXTENSION_NAMES for m in inner.values()):
+            return None
+        # zarr-python nests a flat consolidated dict only through group entries
+        # that carry (empty) consolidated metadata of their own.
+        inner.update({g[len(pre) :]: group_metadata({}, {}) for g in groups if g.startswith(pre) and g != prefix})
+        # ...and only when parents come before their children
+        return dict(sorted(inner.items(), key=lambda kv: (kv[0].count("/"), kv[0])))
+
+    docs: dict[str, dict] = {p: m for p, m in metas.items()}
+    for g in groups - {""}:
+        docs[g] = group_metadata({}, consolidated(g) if g in (S.STATE_GROUP, S.TELEMETRY_GROUP) else None)
+    raw = {p: dump_json(d) for p, d in docs.items()}
+    meta_crcs = {f"{p}/zarr.json": crc32c_of(b) for p, b in raw.items()}
+    raw[""] = root_bytes({**attrs, S.A_METADATA_CRCS: meta_crcs}, consolidated(""))
+    run_batched(
+        [partial(write_file, os.path.join(dirpath, *p.split("/"), "zarr.json"), [b], durable) for p, b in raw.items()]
+    )
+    if durable:
+        dirs = sorted(groups | {a.path for a in arrays}, key=lambda p: p.count("/"))
+        run_batched([partial(fsync_dir, os.path.join(dirpath, *d.split("/"))) for d in dirs])
+
+
+def write_group(dirpath: str, prepared: Prepared, durable: bool = True, base_dir: str | None = None) -> WriteStats:
+    """Write a whole checkpoint into the empty directory ``dirpath``.
+
+    ``base_dir`` is an earlier checkpoint of the same run: chunks identical to its
+    chunks are hard-linked rather than written (see :func:`write_chunk`)."""
+    make_dirs(dirpath, prepared)
+    crcs, stats = write_chunks(dirpath, prepared, durable, base_dir)
+    write_metadata(dirpath, prepared, crcs, durable)
+    return stats
+
+
+def link_group(src: str, dirpath: str, attrs: dict, durable: bool = True) -> None:
+    """Fill ``dirpath`` with ``src``'s files (hard links where possible, else copies)
+    and a new root zarr.json holding ``attrs``: a rollback costs no array I/O, and
+    deleting either checkpoint never damages the other."""
+    import shutil
+
+    dirs = [dirpath]
+    crcs: dict[str, int] = {}
+    for base, subdirs, files in os.walk(src):
+        rel = os.path.relpath(base, src)
+        out = dirpath if rel == "." else os.path.join(dirpath, rel)
+        for d in subdirs:
+            os.mkdir(os.path.join(out, d))
+            dirs.append(os.path.join(out, d))
+        for f in files:
+            if rel == "." and f == "zarr.json":
+                continue
+            s, d = os.path.join(base, f), os.path.join(out, f)
+            if f == "zarr.json" and S.A_METADATA_CRCS not in attrs:  # a source written before checksums
+                crcs[os.path.relpath(s, src).replace(os.sep, "/")] = crc32c_of(read_json_raw(s, src)[1])
+            if durable:  # the source may have been saved with durable=False: never link unsynced data
+                sync_file(s)  # a failure fails the rollback (a failed fsync is never retried)
+            try:
+                os.link(s, d, follow_symlinks=False)
+            except OSError:
+                shutil.copyfile(s, d, follow_symlinks=False)
+                if durable:
+                    fd = os.open(d, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+    if S.A_METADATA_CRCS not in attrs:
+        attrs = {**attrs, S.A_METADATA_CRCS: crcs}
+    # the other metadata files are the source's, so its checksums of them still hold
+    write_file(os.path.join(dirpath, "zarr.json"), [root_bytes(attrs, None)], durable)
+    if durable:
+        run_all([partial(fsync_dir, d) for d in dirs])
+
+
+__all__ = [
+    "Prepared",
+    "ShardedData",
+    "WriteStats",
+    "shard_chunk_shape",
+    "make_dirs",
+    "write_chunks",
+    "write_metadata",
+    "write_group",
+    "link_group",
+    "TELEMETRY_CHUNK",
+]

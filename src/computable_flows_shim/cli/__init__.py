@@ -1,0 +1,1 @@
+"""The ``cfs`` command: a thin layer over the public API (``computable_flows_shim``)."""
