@@ -71,9 +71,13 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EI
 
 
 class Mirror(Protocol):
-    """A local directory standing for a remote checkpoint (the object-store backend,
-    ``_s3.py``): its directory tree exists, its files are fetched on demand.  ``rel`` is a
-    path relative to the mirror's directory, ``/``-separated."""
+    """The seam through which a remote store feeds the readers (the object-store backend,
+    ``store/_s3.py``): a local directory ``root`` standing for a remote checkpoint, whose
+    directory tree exists and whose files are fetched on demand.  The store hands it out
+    (``Store.mirror``) and the caller passes it to every read (``mirror=``); ``rel`` is a
+    path relative to ``root``, ``/``-separated."""
+
+    root: str
 
     def fetch(self, rel: str) -> bool:
         """Fetch the file into the mirror (metadata: read several times); False if the
@@ -90,44 +94,27 @@ class Mirror(Protocol):
         ...
 
 
-_MIRRORS: dict[str, Mirror] = {}
+def mirror_rel(mirror: Mirror | None, path: str) -> str | None:
+    """``path`` relative to the mirror's root (``/``-separated), or None outside any mirror."""
+    if mirror is None:
+        return None
+    root = os.path.join(mirror.root, "")
+    return path[len(root) :].replace(os.sep, "/") if path.startswith(root) else None
 
 
-def register_mirror(root: str, mirror: Mirror) -> None:
-    _MIRRORS[os.path.join(root, "")] = mirror
-
-
-def unregister_mirror(root: str) -> None:
-    _MIRRORS.pop(os.path.join(root, ""), None)
-
-
-def mirror_of(path: str) -> tuple[Mirror, str] | None:
-    """The mirror holding ``path`` and the path relative to it, if any."""
-    for root, mirror in list(_MIRRORS.items()):
-        if path.startswith(root):
-            return mirror, path[len(root) :].replace(os.sep, "/")
-    return None
-
-
-def fetch_missing(path: str) -> bool:
-    """Fetch a missing file of a mirrored remote checkpoint; False when ``path`` is not
-    in a mirror or the checkpoint has no such object (then it is missing, as locally)."""
-    hit = mirror_of(path) if _MIRRORS else None
-    return hit is not None and hit[0].fetch(hit[1])
-
-
-def open_regular(path: str, where: str, what: str) -> tuple[int, os.stat_result]:
+def open_regular(path: str, where: str, what: str, mirror: Mirror | None = None) -> tuple[int, os.stat_result]:
     """Open a checkpoint file for reading: never through a symlink, never anything but a
     regular file (a FIFO would block, a device or directory would not read as a file), and
     the reasons it cannot be opened as our errors (a hostile or damaged checkpoint must
-    raise nothing else).  A file of a remote checkpoint's mirror is fetched on
-    first open (see :func:`fetch_missing`)."""
+    raise nothing else).  A file of a remote checkpoint's ``mirror`` is fetched on
+    first open."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         try:
             fd = os.open(path, flags)
         except FileNotFoundError:
-            if not (_MIRRORS and fetch_missing(path)):
+            rel = mirror_rel(mirror, path)
+            if mirror is None or rel is None or not mirror.fetch(rel):
                 raise
             fd = os.open(path, flags)
     except CheckpointError:
@@ -167,10 +154,10 @@ def loads_metadata(raw: bytes, where: str) -> dict:
     return doc
 
 
-def read_json_raw(path: str, where: str) -> tuple[dict, bytes, os.stat_result]:
+def read_json_raw(path: str, where: str, mirror: Mirror | None = None) -> tuple[dict, bytes, os.stat_result]:
     """A zarr.json parsed, with its bytes and the stat of the file they came from."""
     name = os.path.basename(path)
-    fd, st = open_regular(path, where, name)
+    fd, st = open_regular(path, where, name, mirror)
     try:
         with os.fdopen(fd, "rb") as f:
             raw = f.read(MAX_METADATA_BYTES + 1)
@@ -179,12 +166,12 @@ def read_json_raw(path: str, where: str) -> tuple[dict, bytes, os.stat_result]:
     return loads_metadata(raw, where), raw, st
 
 
-def read_json(path: str, where: str, expected_crc: int | None = None) -> dict:
+def read_json(path: str, where: str, expected_crc: int | None = None, mirror: Mirror | None = None) -> dict:
     """Parse a zarr.json with bounded size and depth; damage becomes our errors.
 
     ``expected_crc``: the file's CRC32C from the checkpoint's metadata checksums
     (spec/FORMAT.md, "Metadata checksums"), checked before the JSON is trusted."""
-    doc, raw, _ = read_json_raw(path, where)
+    doc, raw, _ = read_json_raw(path, where, mirror)
     if expected_crc is not None and _crc.crc32c(raw) != expected_crc:
         raise CheckpointCorruptError(
             f"{where}: {os.path.basename(path)} does not match its checksum in the root metadata "
@@ -465,14 +452,15 @@ def _check_crc(data_crc: int, trailer: bytes, expected: int, where: str) -> None
         )
 
 
-def _open_nofollow(path: str, where: str) -> tuple[Any, int]:
+def _open_nofollow(path: str, where: str, mirror: Mirror | None) -> tuple[Any, int]:
     """A chunk file opened for reading, with its size.  A chunk of a mirrored remote
     checkpoint is read from the store into memory (it is read once: no file is written)."""
-    if _MIRRORS and (hit := mirror_of(path)) is not None and not os.path.lexists(path):
-        data = hit[0].read(hit[1])
+    rel = mirror_rel(mirror, path)
+    if mirror is not None and rel is not None and not os.path.lexists(path):
+        data = mirror.read(rel)
         if data is not None:
             return io.BytesIO(data), len(data)
-    fd, st = open_regular(path, where, "chunk file")
+    fd, st = open_regular(path, where, "chunk file", mirror)
     return os.fdopen(fd, "rb", buffering=0), st.st_size
 
 
@@ -486,12 +474,19 @@ def _read_small(f, size: int, where: str) -> bytes:
     return raw
 
 
-def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_crc: int, where: str) -> np.ndarray:
+def read_chunk(
+    layout: Layout,
+    coords: tuple[int, ...],
+    dirpath: str,
+    expected_crc: int,
+    where: str,
+    mirror: Mirror | None = None,
+) -> np.ndarray:
     """Read and check one chunk; returns its valid region (edge chunks trimmed)."""
     cwhere = f"{where}, chunk {layout.key(coords)!r}"
     region = layout.region(coords)
     valid = tuple(slice(0, s.stop - s.start) for s in region)
-    f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere)
+    f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere, mirror)
     with f:
         if layout.dtype is None:
             if size > 1 << 31 or size < S.CRC_BYTES:
@@ -521,18 +516,24 @@ def read_chunk(layout: Layout, coords: tuple[int, ...], dirpath: str, expected_c
 
 
 def read_chunk_into(
-    out: np.ndarray, layout: Layout, coords: tuple[int, ...], dirpath: str, expected_crc: int, where: str
+    out: np.ndarray,
+    layout: Layout,
+    coords: tuple[int, ...],
+    dirpath: str,
+    expected_crc: int,
+    where: str,
+    mirror: Mirror | None = None,
 ) -> None:
     """Read, check and place one chunk of ``out`` (a full-shape array).  Slab
     chunks are read straight into ``out``'s memory."""
     region = layout.region(coords)
     if layout.dtype is None or not (_is_slab(layout.shape, layout.chunk_shape) and out.flags.c_contiguous):
-        out[region] = read_chunk(layout, coords, dirpath, expected_crc, where)
+        out[region] = read_chunk(layout, coords, dirpath, expected_crc, where, mirror)
         return
     cwhere = f"{where}, chunk {layout.key(coords)!r}"
     itemsize = layout.dtype.itemsize
     chunk_bytes = math.prod(layout.chunk_shape) * itemsize
-    f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere)
+    f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere, mirror)
     with f:
         if size != chunk_bytes + S.CRC_BYTES:
             raise CheckpointCorruptError(

@@ -22,7 +22,8 @@ from computable_flows_shim._format import telemetry as T
 from computable_flows_shim._format.arrays import (
     MAX_METADATA_BYTES,
     Layout,
-    mirror_of,
+    Mirror,
+    mirror_rel,
     open_regular,
     parse_array,
     read_chunk,
@@ -81,6 +82,8 @@ class StoredArray:
     layout: Layout
     crcs: list[int]
     attrs: dict
+    mirror: Mirror | None = None
+    """Where a remote checkpoint's chunks come from (None: a local directory)."""
 
     @property
     def key_impl(self) -> str | None:
@@ -91,7 +94,7 @@ class StoredArray:
 
     def chunk_tasks(self, out: np.ndarray) -> list[Callable[[], None]]:
         return [
-            partial(read_chunk_into, out, self.layout, c, self.dirpath, crc, self.where)
+            partial(read_chunk_into, out, self.layout, c, self.dirpath, crc, self.where, self.mirror)
             for c, crc in zip(self.layout.coords(), self.crcs)
         ]
 
@@ -129,8 +132,8 @@ class StoredArray:
             try:
                 found: int | None = os.lstat(path).st_size
             except FileNotFoundError:
-                hit = mirror_of(path)  # a remote checkpoint: the size its commit record gives
-                found = hit[0].size(hit[1]) if hit is not None else None
+                rel = mirror_rel(self.mirror, path)  # a remote checkpoint: the size its commit record gives
+                found = self.mirror.size(rel) if self.mirror is not None and rel is not None else None
             except OSError:
                 found = None
             if found is None:
@@ -142,15 +145,15 @@ class StoredArray:
                 )
 
 
-def open_array(root: str, relpath: str, where: str) -> StoredArray:
+def open_array(root: str, relpath: str, where: str, mirror: Mirror | None = None) -> StoredArray:
     """An array of the checkpoint whose ``state/`` or ``telemetry/`` directory is ``root``,
     its zarr.json checked against the checkpoint's metadata checksums when it has them."""
     dirpath = _safe_join(root, relpath, where)
-    crcs = metadata_crcs(os.path.dirname(root), where)
+    crcs = metadata_crcs(os.path.dirname(root), where, mirror)
     key = f"{os.path.basename(root)}/{relpath}/zarr.json"
-    meta = read_json(os.path.join(dirpath, "zarr.json"), where, expected_crc(crcs, key, where))
+    meta = read_json(os.path.join(dirpath, "zarr.json"), where, expected_crc(crcs, key, where), mirror)
     layout, chunk_crcs, attrs = parse_array(meta, where)
-    return StoredArray(where, dirpath, layout, chunk_crcs, attrs)
+    return StoredArray(where, dirpath, layout, chunk_crcs, attrs, mirror)
 
 
 def _normalize_index(key: Any, shape: tuple[int, ...], name: str) -> list[int | slice]:
@@ -202,7 +205,8 @@ def read_region(stored: StoredArray, key: Any, name: str) -> tuple[np.ndarray, i
                 per_dim.append(sorted({i // c for i in r}))
         crc_index: dict[tuple[int, ...], int] = {c: i for i, c in enumerate(layout.coords())}
         for coords in itertools.product(*per_dim):
-            chunk = read_chunk(layout, coords, stored.dirpath, stored.crcs[crc_index[coords]], stored.where)
+            crc = stored.crcs[crc_index[coords]]
+            chunk = read_chunk(layout, coords, stored.dirpath, crc, stored.where, stored.mirror)
             chunks_read += 1
             region = layout.region(coords)
             src, dst = [], []
@@ -228,15 +232,17 @@ def _relative(k: int | slice, r: range, lo: int) -> int | slice:
     return slice(r.start - lo, stop if stop >= 0 else None, r.step)
 
 
-def check_group_metadata(dirpath: str, prefix: str, skip: set[str], where: str) -> None:
+def check_group_metadata(
+    dirpath: str, prefix: str, skip: set[str], where: str, mirror: Mirror | None = None
+) -> None:
     """Check every checksummed zarr.json under ``prefix`` that is not in ``skip`` (the group
     documents a load does not otherwise read): a load detects damage anywhere in the
     metadata, not only in the files it needs."""
-    crcs = metadata_crcs(dirpath, where)
+    crcs = metadata_crcs(dirpath, where, mirror)
     for key, crc in (crcs or {}).items():
         if key.startswith(prefix) and key not in skip:
             # the bytes only: state/zarr.json holds consolidated metadata that a load never parses
-            fd, _ = open_regular(_safe_join(dirpath, key, where), f"{where}, {key}", "zarr.json")
+            fd, _ = open_regular(_safe_join(dirpath, key, where), f"{where}, {key}", "zarr.json", mirror)
             try:
                 with os.fdopen(fd, "rb") as f:
                     got = crc32c_of(f.read(MAX_METADATA_BYTES + 1))
@@ -265,7 +271,7 @@ def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
     outs = [a.empty(backed=True) for a in arrays]
     tasks = [t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)]
     # chunks of a remote checkpoint are fetched by these tasks: many requests in flight
-    run_all(tasks, REMOTE_POOL if any(mirror_of(a.dirpath) for a in arrays) else POOL)
+    run_all(tasks, REMOTE_POOL if any(a.mirror is not None for a in arrays) else POOL)
     return outs
 
 
@@ -274,7 +280,7 @@ def _leaf_where(checkpoint: str, kp: tuple) -> str:
 
 
 def state_leaves(
-    dirpath: str, attrs: dict, checkpoint: str, check_metadata: bool = True
+    dirpath: str, attrs: dict, checkpoint: str, check_metadata: bool = True, mirror: Mirror | None = None
 ) -> list[tuple[tuple, dict, StoredArray | None]]:
     """The one walk from a checkpoint's state leaves to its stored arrays: ``(key path, tree
     node, StoredArray or None for a Python scalar)`` in tree order, metadata parsed and
@@ -284,12 +290,12 @@ def state_leaves(
     out: list[tuple[tuple, dict, StoredArray | None]] = []
     for kp, node in iter_leaf_nodes(attrs[S.A_TREE], where=f"checkpoint {checkpoint!r}"):
         if node["kind"] == "array":
-            out.append((kp, node, open_array(state_dir, node["path"], _leaf_where(checkpoint, kp))))
+            out.append((kp, node, open_array(state_dir, node["path"], _leaf_where(checkpoint, kp), mirror)))
         else:
             out.append((kp, node, None))
     if check_metadata:
         arrays = {f"{S.STATE_GROUP}/{node['path']}/zarr.json" for _, node, s in out if s is not None}
-        check_group_metadata(dirpath, S.STATE_GROUP + "/", arrays, f"checkpoint {checkpoint!r}")
+        check_group_metadata(dirpath, S.STATE_GROUP + "/", arrays, f"checkpoint {checkpoint!r}", mirror)
     return out
 
 
@@ -303,9 +309,11 @@ def _finish_leaf(node: dict, arr: np.ndarray, stored: StoredArray, kp: tuple, ch
     return arr[()] if node.get("numpy_scalar") and arr.ndim == 0 else arr
 
 
-def read_state(dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None) -> PyTree:
+def read_state(
+    dirpath: str, attrs: dict, checkpoint: str, target: PyTree = None, mirror: Mirror | None = None
+) -> PyTree:
     """The state pytree; with ``target``, matched and checked leaf by leaf."""
-    nodes = state_leaves(dirpath, attrs, checkpoint)
+    nodes = state_leaves(dirpath, attrs, checkpoint, mirror=mirror)
     if target is None:
         stored = [s for _, _, s in nodes if s is not None]
         values = dict(zip((id(s) for s in stored), read_arrays(stored)))
@@ -372,11 +380,11 @@ def _multi_device(expected: Any) -> bool:
     return len(sharding.device_set) > 1
 
 
-def read_telemetry(dirpath: str, checkpoint: str) -> dict:
+def read_telemetry(dirpath: str, checkpoint: str, mirror: Mirror | None = None) -> dict:
     """The telemetry history: ``{column: 1-D array, ..., "events": [dict, ...]}``."""
     tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
-    names = _telemetry_names(tdir, checkpoint)
-    stored = [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}") for n in names]
+    names = _telemetry_names(tdir, checkpoint, mirror)
+    stored = [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}", mirror) for n in names]
     cols = dict(zip(names, read_arrays(stored)))
     ev = {k: cols.pop(k) for k in (S.T_EVENT_ITER, S.T_EVENT_TYPE, S.T_EVENT_PAYLOAD)}
     try:
@@ -386,14 +394,15 @@ def read_telemetry(dirpath: str, checkpoint: str) -> dict:
     return cols
 
 
-def _telemetry_names(tdir: str, checkpoint: str) -> list[str]:
+def _telemetry_names(tdir: str, checkpoint: str, mirror: Mirror | None) -> list[str]:
     """The telemetry arrays: every child directory (each must be a valid array); with
     metadata checksums, exactly the columns they list (a lost or added column is damage)."""
     where = f"checkpoint {checkpoint!r}, telemetry"
     if os.path.islink(tdir):
         raise CheckpointFormatError(f"{where}: telemetry is a symlink")
-    crcs = metadata_crcs(os.path.dirname(tdir), f"checkpoint {checkpoint!r}")
-    read_json(os.path.join(tdir, "zarr.json"), where, expected_crc(crcs, f"{S.TELEMETRY_GROUP}/zarr.json", where))
+    crcs = metadata_crcs(os.path.dirname(tdir), f"checkpoint {checkpoint!r}", mirror)
+    key = f"{S.TELEMETRY_GROUP}/zarr.json"
+    read_json(os.path.join(tdir, "zarr.json"), where, expected_crc(crcs, key, where), mirror)
     try:
         with os.scandir(tdir) as it:
             names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
@@ -423,7 +432,7 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
         tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
         arrays += [
             open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")
-            for n in _telemetry_names(tdir, checkpoint)
+            for n in _telemetry_names(tdir, checkpoint, None)
         ]
     except CheckpointError as e:
         return [str(e)]

@@ -12,6 +12,7 @@ import crc32c as _crc
 
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format.arrays import (
+    Mirror,
     group_metadata,
     read_json_raw,
 )
@@ -97,7 +98,7 @@ def _root_key(path: str, st: os.stat_result) -> tuple:
     return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def metadata_crcs(dirpath: str, where: str) -> dict[str, int] | None:
+def metadata_crcs(dirpath: str, where: str, mirror: Mirror | None = None) -> dict[str, int] | None:
     """The checked metadata checksums of the checkpoint at ``dirpath`` (None: written before them)."""
     path = os.path.join(dirpath, "zarr.json")
     try:
@@ -106,7 +107,7 @@ def metadata_crcs(dirpath: str, where: str) -> dict[str, int] | None:
         hit = _MISSING
     if hit is not _MISSING:
         return hit[1]  # type: ignore[index]
-    return _read_root(dirpath, where)[1]
+    return _read_root(dirpath, where, mirror)[1]
 
 
 def expected_crc(crcs: dict[str, int] | None, key: str, where: str) -> int | None:
@@ -118,14 +119,14 @@ def expected_crc(crcs: dict[str, int] | None, key: str, where: str) -> int | Non
     return crc
 
 
-def read_attrs(dirpath: str, where: str) -> dict:
+def read_attrs(dirpath: str, where: str, mirror: Mirror | None = None) -> dict:
     """The checkpoint attributes, after checking format name and version and the root's checksum."""
-    return _read_root(dirpath, where)[0]
+    return _read_root(dirpath, where, mirror)[0]
 
 
-def _read_root(dirpath: str, where: str) -> tuple[dict, dict[str, int] | None]:
+def _read_root(dirpath: str, where: str, mirror: Mirror | None) -> tuple[dict, dict[str, int] | None]:
     path = os.path.join(dirpath, "zarr.json")
-    doc, raw, st = read_json_raw(path, where)
+    doc, raw, st = read_json_raw(path, where, mirror)
     attrs, crcs = parse_root(doc, raw, where)
     if len(_ROOTS) > 256:
         _ROOTS.clear()

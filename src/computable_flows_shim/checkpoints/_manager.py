@@ -308,7 +308,8 @@ class CheckpointManager:
         return self.store.url(checkpoint_id)
 
     def _attrs(self, checkpoint_id: CheckpointId) -> dict:
-        attrs = _root.read_attrs(self._dir(checkpoint_id), f"checkpoint {checkpoint_id!r}")
+        path = self._dir(checkpoint_id)
+        attrs = _root.read_attrs(path, f"checkpoint {checkpoint_id!r}", self.store.mirror(checkpoint_id))
         if attrs[S.A_CHECKPOINT_ID] != checkpoint_id:
             raise CheckpointFormatError(
                 f"checkpoint {checkpoint_id!r}: its attrs name it {attrs[S.A_CHECKPOINT_ID]!r} (renamed by hand?)"
@@ -327,8 +328,9 @@ class CheckpointManager:
         path = self._dir(checkpoint_id)
         with deleted_while_reading(path, checkpoint_id):
             attrs = self._attrs(checkpoint_id)
-            state = _reader.read_state(path, attrs, checkpoint_id, target)
-            telemetry = _reader.read_telemetry(path, checkpoint_id)
+            mirror = self.store.mirror(checkpoint_id)
+            state = _reader.read_state(path, attrs, checkpoint_id, target, mirror)
+            telemetry = _reader.read_telemetry(path, checkpoint_id, mirror)
         info = CheckpointInfo.from_attrs(attrs, path)
         return {
             "state": state,
@@ -349,7 +351,7 @@ class CheckpointManager:
         if the checkpoint is deleted before a slice reads it)."""
         path = self._dir(checkpoint_id)
         with deleted_while_reading(path, checkpoint_id):
-            return CheckpointView(path, self._attrs(checkpoint_id))
+            return CheckpointView(path, self._attrs(checkpoint_id), self.store.mirror(checkpoint_id))
 
     def list_checkpoints(self, run_id: RunId | None = None) -> list[CheckpointInfo]:
         """Committed checkpoints, newest first; damaged entries are skipped with a CheckpointWarning."""

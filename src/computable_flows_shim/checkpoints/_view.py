@@ -16,7 +16,7 @@ import numpy as np
 from computable_flows_shim import _display as _repr
 from computable_flows_shim._format import reader as _reader
 from computable_flows_shim._format import spec as S
-from computable_flows_shim._format.arrays import read_chunk
+from computable_flows_shim._format.arrays import Mirror, read_chunk
 from computable_flows_shim._format.reader import StoredArray
 from computable_flows_shim._format.tree import KeyPath, keystr, scalar_value, unflatten
 from computable_flows_shim._types import PyTree
@@ -188,9 +188,11 @@ def checkpoint_disk_bytes(path: str) -> int:
 class CheckpointView:
     """A committed checkpoint opened lazily (see ``CheckpointManager.open_checkpoint``)."""
 
-    def __init__(self, path: str, attrs: dict) -> None:
+    def __init__(self, path: str, attrs: dict, mirror: Mirror | None = None) -> None:
         self.path = path
         self.attrs = attrs
+        self.mirror = mirror
+        """Where a remote checkpoint's files come from (``Store.mirror``); None for a local one."""
         self._state: PyTree = None
         self._telemetry = None
 
@@ -227,18 +229,18 @@ class CheckpointView:
         in tree order, from metadata alone: the walk that diff, xarray, export and
         :meth:`describe_leaves` share."""
         with deleted_while_reading(self.path, self.checkpoint_id):
-            return _reader.state_leaves(self.path, self.attrs, self.checkpoint_id, check_metadata=False)
+            return _reader.state_leaves(self.path, self.attrs, self.checkpoint_id, False, self.mirror)
 
     def read_block(self, stored: StoredArray, coords: tuple[int, ...]) -> np.ndarray:
         """One stored chunk of a leaf (from :meth:`leaves`), checked (size, CRC32C, manifest)."""
         crc = stored.crcs[int(np.ravel_multi_index(coords, stored.layout.grid)) if coords else 0]
         with deleted_while_reading(self.path, self.checkpoint_id):
-            return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where)
+            return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where, stored.mirror)
 
     def telemetry_columns(self) -> dict:
         """The telemetry as stored: ``{column: numpy array}`` plus ``events`` (a list of dicts)."""
         with deleted_while_reading(self.path, self.checkpoint_id):
-            return _reader.read_telemetry(self.path, self.checkpoint_id)
+            return _reader.read_telemetry(self.path, self.checkpoint_id, self.mirror)
 
     def describe_leaves(self, *, disk: bool = True) -> list[LeafInfo]:
         """Every leaf in tree order, from metadata only (no chunk is read); ``disk=False``
@@ -327,7 +329,7 @@ def _dask_array_module():
 def _read_block(stored: StoredArray, coords: tuple[int, ...], crc: int, checkpoint: tuple[str, str]):
     """One dask chunk: one stored chunk, checked (a task; module level so that it pickles)."""
     with deleted_while_reading(*checkpoint):
-        return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where)
+        return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where, stored.mirror)
 
 
 def _dask_from_stored(stored: StoredArray, name: str, checkpoint: tuple[str, str]) -> dask.array.Array:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from computable_flows_shim._format.arrays import Mirror
+
 
 class Store(abc.ABC):
     """The contract a checkpoint backend implements (small on purpose)."""
@@ -32,6 +34,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def path(self, name: str) -> str:
         """A local directory holding a committed entry, for this package's readers."""
+
+    def mirror(self, name: str) -> Mirror | None:
+        """The seam through which a remote store feeds the readers: what stands for the files
+        of ``name`` under :meth:`path` that are not there yet (fetched on first read; see
+        ``_format.arrays.Mirror``), passed by the caller to every read.  None for a store whose
+        files are all local."""
+        return None
 
     def url(self, name: str) -> str:
         """Where other tools (zarr-python, tensorstore, xarray) open a committed entry."""

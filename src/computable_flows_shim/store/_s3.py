@@ -28,7 +28,7 @@ passes its own ``retry_config``; a fault that outlasts it raises our error.
 
 Reads go through a local read-through mirror of each checkpoint: its directory tree,
 metadata files fetched on first open and chunks read into memory when asked for (see
-``_arrays.Mirror``), so lazy views read only the chunks they touch and one reader, with
+``_format.arrays.Mirror``), so lazy views read only the chunks they touch and one reader, with
 all its checks, serves both backends.
 
 Why one module: one backend, one file (as zarr-python's ``storage/``): the commit record,
@@ -60,7 +60,7 @@ from typing import Any
 import crc32c as _crc
 
 from computable_flows_shim._format import spec as S
-from computable_flows_shim._format.arrays import MAX_METADATA_BYTES, register_mirror, unregister_mirror
+from computable_flows_shim._format.arrays import MAX_METADATA_BYTES
 from computable_flows_shim.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -234,7 +234,7 @@ class ObjectStore(Store):
         self._cache = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
         self._parts = os.path.join(self._cache, ".parts")
         os.mkdir(self._parts)
-        self._mirrors: set[str] = set()
+        self._mirrors: dict[str, _Mirror] = {}
         self._recs: dict[str, dict] = {}
         self._last_records: dict[str, dict] = {}  # run id -> the record this store committed last
         self.last_upload: dict[str, int] = {}
@@ -243,7 +243,7 @@ class ObjectStore(Store):
         """Objects fetched from the store by this process's readers (a lazy slice fetches only its chunks)."""
         self.bytes_read = 0
         self._lock = threading.Lock()
-        weakref.finalize(self, _close, self._cache, self._mirrors, self._pool)
+        weakref.finalize(self, _close, self._cache, self._pool)
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.root_url!r})"
@@ -366,9 +366,15 @@ class ObjectStore(Store):
             raise CheckpointNotFoundError(f"no checkpoint {name!r} in {self}")
         return rec
 
+    def mirror(self, name: str) -> _Mirror:
+        """What feeds the readers the files of :meth:`path` (``_format.arrays.Mirror``)."""
+        path = self.path(name)
+        with self._lock:
+            return self._mirrors[path]
+
     def path(self, name: str) -> str:
         """The checkpoint's local mirror: its directories now, metadata files on first open,
-        chunks read into memory when a reader asks for them (``_arrays.Mirror``)."""
+        chunks read into memory when a reader asks for them (:meth:`mirror`)."""
         rec = self._committed(name)
         mirror = os.path.join(self._cache, f"{name}.{rec['token']}")
         with self._lock:
@@ -376,8 +382,7 @@ class ObjectStore(Store):
                 os.makedirs(mirror, exist_ok=True)
                 for key in rec["objects"]:
                     os.makedirs(os.path.dirname(os.path.join(mirror, key)), exist_ok=True)
-                register_mirror(mirror, _Mirror(self, rec, mirror))
-                self._mirrors.add(mirror)
+                self._mirrors[mirror] = _Mirror(self, rec, mirror)
                 self._recs[mirror] = rec
         return mirror
 
@@ -657,9 +662,8 @@ class ObjectStore(Store):
             self._delete_keys([marker])
             mirror = os.path.join(self._cache, f"{name}.{rec['token']}")
             with self._lock:
-                self._mirrors.discard(mirror)
+                self._mirrors.pop(mirror, None)
                 self._recs.pop(mirror, None)
-                unregister_mirror(mirror)
             shutil.rmtree(mirror, ignore_errors=True)
         return True
 
@@ -815,7 +819,7 @@ class _Lease:
 
 
 class _Mirror:
-    """A committed checkpoint's local mirror (``_arrays.Mirror``): metadata fetched into
+    """A committed checkpoint's local mirror (``_format.arrays.Mirror``): metadata fetched into
     files (read several times), chunks read into memory (read once, by a load or a slice)."""
 
     def __init__(self, store: ObjectStore, rec: dict, root: str) -> None:
@@ -906,8 +910,6 @@ def _remove_dead_caches() -> None:
             pass  # alive, another user's
 
 
-def _close(cache: str, mirrors: set[str], pool: ThreadPoolExecutor) -> None:
-    for m in list(mirrors):
-        unregister_mirror(m)
+def _close(cache: str, pool: ThreadPoolExecutor) -> None:
     pool.shutdown(wait=False)
     shutil.rmtree(cache, ignore_errors=True)
