@@ -156,21 +156,9 @@ class LeafInfo:
         }
 
 
-def _tree_bytes(path: str) -> int:
-    """Sizes of the regular files under ``path`` (symlinks not followed)."""
-    total = 0
-    for base, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(base, f))
-            except FileNotFoundError:
-                continue
-            total += st.st_size
-    return total
-
-
-def checkpoint_disk_bytes(path: str) -> int:
-    """Bytes of a checkpoint directory's files, each hard-linked file counted once."""
+def _tree_bytes(path: str, links_once: bool = False) -> int:
+    """Sizes of the regular files under ``path`` (symlinks not followed); ``links_once``: a
+    file with several hard links under ``path`` counted once."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for base, _dirs, files in os.walk(path):
@@ -179,10 +167,17 @@ def checkpoint_disk_bytes(path: str) -> int:
                 st = os.lstat(os.path.join(base, f))
             except FileNotFoundError:
                 continue
-            if (st.st_dev, st.st_ino) not in seen:
+            if links_once:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
                 seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
+            total += st.st_size
     return total
+
+
+def checkpoint_disk_bytes(path: str) -> int:
+    """Bytes of a checkpoint directory's files, each hard-linked file counted once."""
+    return _tree_bytes(path, links_once=True)
 
 
 class CheckpointView:
