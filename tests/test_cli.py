@@ -47,3 +47,58 @@ def test_verify_reports_damage_and_fails(tmp_path, capsys):
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["--root", str(tmp_path), "show", "nope-i000000000001"]) == 2
     assert "no checkpoint 'nope-i000000000001'" in capsys.readouterr().err
+
+
+def test_the_store_option_goes_before_or_after_the_command(tmp_path, capsys):
+    root, other = str(tmp_path / "a"), str(tmp_path / "b")
+    CheckpointManager(root).create_checkpoint("r", 1, {"x": np.arange(3.0)})
+    CheckpointManager(other).create_checkpoint("o", 1, {"x": np.arange(3.0)})
+    assert main(["ls", "--store", root]) == 0
+    assert "r-i000000000001" in capsys.readouterr().out
+    assert main(["--store", other, "ls", "--store", root, "--json"]) == 0  # the command's own wins
+    assert [c["checkpoint_id"] for c in json.loads(capsys.readouterr().out)] == ["r-i000000000001"]
+    assert main(["show", "r-i000000000001", "--root", root]) == 0
+
+
+def test_reading_commands_never_create_a_store(tmp_path, capsys):
+    typo = str(tmp_path / "typo")
+    for argv in (
+        ["ls"],
+        ["show", "r-i000000000001"],
+        ["verify"],
+        ["du"],
+        ["tree"],
+        ["tags"],
+        ["diff", "r-i000000000001", "r-i000000000002"],
+        ["rm", "r-i000000000001"],
+        ["resume", "r"],
+        ["gc", "r", "--keep-last", "1"],
+    ):
+        assert main(["--store", typo, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"no checkpoint store at {typo}" in err, (argv, err)
+        assert not os.path.exists(typo), argv
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """``cfs ls --json | head -1`` with more output than the pipe holds: no traceback, exit 141."""
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "s")
+    mgr = CheckpointManager(root)
+    for it in range(300):
+        mgr.create_checkpoint(f"run-with-a-long-name-{it % 4}", it, {"x": np.zeros(1)})
+    p = subprocess.Popen(
+        [sys.executable, "-m", "computable_flows_shim", "--store", root, "ls", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert p.stdout is not None and p.stderr is not None
+    first = p.stdout.readline()
+    p.stdout.close()  # what head does after its first line
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=120) == 141, err
+    assert first.startswith(b"[") and err == "", err

@@ -13,7 +13,6 @@ import sys
 from typing import Any
 
 from computable_flows_shim import (
-    CheckpointManager,
     describe_leaves,
     diff_checkpoints,
     export_checkpoint,
@@ -22,12 +21,8 @@ from computable_flows_shim import (
     plot_telemetry,
 )
 from computable_flows_shim._display import human_bytes
-from computable_flows_shim.cli._common import store_location
+from computable_flows_shim.cli._common import open_manager, store_location
 from computable_flows_shim.errors import ComputableFlowsError
-
-
-def _manager(args: argparse.Namespace):
-    return CheckpointManager(args.root)
 
 
 def show_layout(mgr: Any, view: Any) -> dict[str, Any]:
@@ -77,7 +72,7 @@ def print_leaves(layout: dict[str, Any]) -> None:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    d = diff_checkpoints(_manager(args), args.a, args.b)
+    d = diff_checkpoints(open_manager(args), args.a, args.b)
     if args.json:
         print(json.dumps(d.to_dict(), indent=2, default=str, allow_nan=False))
     else:
@@ -86,7 +81,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_tree(args: argparse.Namespace) -> int:
-    runs = list_runs(_manager(args))
+    runs = list_runs(open_manager(args))
     if args.json:
         print(json.dumps([r.to_dict() for r in runs], indent=2, default=str))
     elif not runs:
@@ -98,7 +93,7 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     try:
-        plot_telemetry(_manager(args), args.runs or None, args.columns, path=args.output, title=args.title)
+        plot_telemetry(open_manager(args), args.runs or None, args.columns, path=args.output, title=args.title)
     except ValueError as e:  # no such telemetry column
         print(f"cfs: error: {e}", file=sys.stderr)
         return 2
@@ -107,7 +102,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    print(export_checkpoint(_manager(args), args.checkpoint_id, args.output, overwrite=args.force))
+    print(export_checkpoint(open_manager(args), args.checkpoint_id, args.output, overwrite=args.force))
     return 0
 
 

@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 from computable_flows_shim import (
-    CheckpointManager,
     KeepBest,
     KeepEvery,
     KeepLatest,
@@ -21,7 +20,7 @@ from computable_flows_shim import (
     any_of,
 )
 from computable_flows_shim._display import human_bytes
-from computable_flows_shim.cli._common import store_location
+from computable_flows_shim.cli._common import open_manager, store_location
 
 
 def bar(args: argparse.Namespace, total: int, *, unit: str = "checkpoint", nbytes: bool = False, desc: str = ""):
@@ -107,8 +106,6 @@ def policy_from(args: argparse.Namespace):
     return any_of(*ps) if ps else None
 
 
-def _manager(args: argparse.Namespace):
-    return CheckpointManager(args.root)
 
 
 def _print_json(obj: Any) -> None:
@@ -126,7 +123,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if policy is None:
         print("cfs gc: error: give at least one --keep-* option (see cfs gc --help)", file=sys.stderr)
         return 2
-    mgr = _manager(args)
+    mgr = open_manager(args)
     usage = mgr.disk_usage(args.run)  # before deleting: what the deleted checkpoints held
     with bar(args, 0, desc="deleting") as b:
 
@@ -151,7 +148,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_du(args: argparse.Namespace) -> int:
-    mgr = _manager(args)
+    mgr = open_manager(args)
     policy = policy_from(args)
     if policy is not None and args.run is None:
         print("cfs du: error: --keep-* options need a RUN", file=sys.stderr)
@@ -191,7 +188,7 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    mgr = _manager(args)
+    mgr = open_manager(args)
     for tag in args.tags:
         if args.remove:
             if not mgr.untag_checkpoint(args.checkpoint_id, tag):
@@ -203,7 +200,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_tags(args: argparse.Namespace) -> int:
-    tagged = _manager(args).tagged(args.tag, args.run)
+    tagged = open_manager(args).tagged(args.tag, args.run)
     if args.json:
         _print_json(tagged)
         return 0

@@ -8,18 +8,12 @@ import os
 import sys
 from typing import Any
 
-from computable_flows_shim import CheckpointManager, make_example, resume_flow, run_flow
+from computable_flows_shim import make_example, resume_flow, run_flow
 from computable_flows_shim._format.spec import is_checkpoint_id
 from computable_flows_shim.cli import _analysis as _cli_analysis
 from computable_flows_shim.cli import _lifecycle as _cli_lifecycle
-from computable_flows_shim.cli._common import store_location
-from computable_flows_shim.errors import CheckpointError, CheckpointNotFoundError
-
-DEFAULT_STORE = os.environ.get("CFS_STORE", "runs")
-
-
-def _manager(args: argparse.Namespace):
-    return CheckpointManager(args.root)
+from computable_flows_shim.cli._common import add_store_option, open_manager, store_location
+from computable_flows_shim.errors import CheckpointNotFoundError, ComputableFlowsError
 
 
 def _print_json(obj: Any) -> None:
@@ -27,7 +21,7 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    infos = _manager(args).list_checkpoints(args.run)
+    infos = open_manager(args).list_checkpoints(args.run)
     if args.json:
         _print_json(
             [
@@ -58,7 +52,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    mgr = _manager(args)
+    mgr = open_manager(args)
     view = mgr.open_checkpoint(args.checkpoint_id)
     layout = _cli_analysis.show_layout(mgr, view)  # leaves with chunk layout and bytes, on-disk size
     info = {
@@ -86,7 +80,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    mgr = _manager(args)
+    mgr = open_manager(args)
     ids = args.checkpoint_ids or [i.checkpoint_id for i in mgr.list_checkpoints()]
     bad = 0
     with _cli_lifecycle.bar(args, 0, nbytes=True, desc="verifying") as progress:
@@ -182,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             y,
             iters=iters,
             seed=args.seed,
-            checkpoint_manager=_manager(args),
+            checkpoint_manager=open_manager(args, create=True),
             checkpoint_interval=args.checkpoint_every,
             run_id=args.run_id,
             telemetry_every=args.telemetry_every,
@@ -192,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    mgr = _manager(args)
+    mgr = open_manager(args)
     cid = args.target if is_checkpoint_id(args.target) else mgr.get_latest_checkpoint(args.target)
     if cid is None:
         print(f"cfs: error: no checkpoints of run {args.target!r} in {store_location(args.root)}", file=sys.stderr)
@@ -208,13 +202,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    new = _manager(args).rollback_to_checkpoint(args.checkpoint_id, args.to_run)
+    new = open_manager(args).rollback_to_checkpoint(args.checkpoint_id, args.to_run)
     print(new)
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    mgr = _manager(args)
+    mgr = open_manager(args)
     missing = []
     with _cli_lifecycle.bar(args, len(args.checkpoint_ids), desc="deleting") as progress:
         for cid in args.checkpoint_ids:
@@ -227,14 +221,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cfs", description="Checkpoints for computable flows (Zarr v3).")
-    p.add_argument(
-        "--store",
-        "--root",
-        dest="root",
-        default=DEFAULT_STORE,
-        help="checkpoint store: a directory or s3://bucket/prefix (default: $CFS_STORE or ./runs)",
+    p = argparse.ArgumentParser(
+        prog="cfs",
+        description="Checkpoints for computable flows (Zarr v3).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_store_option(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("run", help="run a built-in example flow with periodic checkpoints")
     s.add_argument("example", nargs="?", default="deblur2d", help="deblur2d (default) or deconv1d")
@@ -271,16 +264,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_verify)
     _cli_lifecycle.add_commands(sub)  # gc, du, tag, tags
     _cli_analysis.add_commands(sub)  # diff, tree, plot, export
+    for parser in {id(c): c for c in sub.choices.values()}.values():  # an alias shares its parser
+        add_store_option(parser, top=False)
     return p
+
+
+EXIT_CODES = """exit codes:
+  0    done
+  1    done, and something was found wrong (cfs verify: damage; cfs rm: no such checkpoint)
+  2    an error: bad usage, no store, no such checkpoint, a failed save (one line on stderr)
+  130  interrupted by Ctrl-C (cfs run and resume: after checkpointing; 143 for SIGTERM)
+  141  the output was closed early (cfs ls | head): nothing more is printed
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as e:
-        print(f"cfs: error: {e}", file=sys.stderr)
+    except ComputableFlowsError as e:
+        print(f"cfs: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (| head): stop quietly; stdout is pointed at /dev/null so that
+        # the interpreter's own flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
