@@ -8,6 +8,7 @@ from computable_flows_shim._format.spec import FORMAT_NAME, FORMAT_VERSION
 from computable_flows_shim._types import CheckpointId, PyTree, RunId, Step
 from computable_flows_shim.analysis._diff import CheckpointDiff, LeafDiff, diff_checkpoints
 from computable_flows_shim.analysis._export import export_checkpoint
+from computable_flows_shim.analysis._orbax import import_orbax
 from computable_flows_shim.analysis._plot import plot_telemetry
 from computable_flows_shim.analysis._xarray import open_telemetry
 from computable_flows_shim.checkpoints._lineage import RunInfo, format_run_tree, list_runs, open_run
@@ -139,6 +140,7 @@ __all__ = [
     "describe_leaves",
     "diff_checkpoints",
     "export_checkpoint",
+    "import_orbax",
     "format_run_tree",
     "lazy_array_to_dask",
     "list_runs",

@@ -18,6 +18,7 @@ from computable_flows_shim import (
     KeepPerInterval,
     KeepTagged,
     any_of,
+    import_orbax,
 )
 from computable_flows_shim._display import human_bytes
 from computable_flows_shim.cli._common import open_manager, store_location
@@ -209,6 +210,20 @@ def cmd_tags(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_orbax(args: argparse.Namespace) -> int:
+    mgr = open_manager(args, create=True)
+    with bar(args, 0, desc="importing") as progress:
+
+        def step_done(done: int, total: int, cid: str) -> None:
+            progress.total = total
+            progress.update(1)
+
+        ids = import_orbax(mgr, args.src, args.run_id, step=args.step, progress=step_done)
+    for cid in ids:
+        print(cid)
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register the lifecycle subcommands on ``cfs``'s subparsers."""
     s = sub.add_parser(
@@ -234,6 +249,17 @@ def add_commands(sub: Any) -> None:
     s.add_argument("tags", nargs="+", metavar="TAG")
     s.add_argument("--remove", action="store_true", help="remove these tags instead")
     s.set_defaults(func=cmd_tag)
+    s = sub.add_parser(
+        "import-orbax",
+        help="import Orbax checkpoints (an item, a step or a CheckpointManager directory) as a run",
+        description="Restore each step with Orbax itself and save it, bit for bit, as a checkpoint of RUN_ID at "
+        "that step (needs the orbax extra).",
+    )
+    s.add_argument("src", metavar="SRC")
+    s.add_argument("--run-id", required=True)
+    s.add_argument("--step", type=int, default=None, help="only this step (or the step of a lone item)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_import_orbax)
     s = sub.add_parser("tags", help="list tagged checkpoints")
     s.add_argument("--tag", help="only this tag")
     s.add_argument("--run", help="only this run")
