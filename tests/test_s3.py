@@ -476,3 +476,30 @@ def test_a_commit_record_put_whose_response_is_lost_counts_as_committed(s3_url, 
     mgr = CheckpointManager(s3_url)
     np.testing.assert_array_equal(mgr.load_checkpoint(cid)["state"]["x"], np.arange(1000.0))
     assert mgr.verify_checkpoint(cid).ok
+
+
+def test_reads_cost_a_bounded_number_of_requests(s3_url, s3_server, monkeypatch):
+    """Each request is a round trip to the store: listing costs at most four per checkpoint
+    (the existence check, the commit record, the record for its URL, the root metadata), and a
+    load or a lazy slice locates its checkpoint once (one record GET, not one per helper)."""
+    from s3server import FaultProxy
+
+    mgr = CheckpointManager(s3_url)
+    for i in range(10):
+        mgr.create_checkpoint("r", i, {"x": np.arange(100.0), "y": np.ones(3, np.float32)})
+    with FaultProxy(s3_server.port) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        m = CheckpointManager(s3_url)
+
+        def cost(f) -> tuple[int, int]:
+            n0 = len(proxy.requests)
+            f()
+            got = proxy.requests[n0:]
+            return len(got), sum(1 for method, path, _ in got if ".cfs-commits/" in path and method == "GET")
+
+        listed, _ = cost(lambda: m.list_checkpoints())
+        assert listed <= 1 + 4 * 10, proxy.requests[-listed:]
+        loaded, records = cost(lambda: m.load_checkpoint("r-i000000000003"))
+        assert records == 1 and loaded <= 15, proxy.requests[-loaded:]
+        sliced, records = cost(lambda: m.open_checkpoint("r-i000000000004").state["x"][:5])
+        assert records == 1 and sliced <= 5, proxy.requests[-sliced:]

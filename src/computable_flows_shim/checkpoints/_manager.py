@@ -24,6 +24,7 @@ from computable_flows_shim._format import reader as _reader
 from computable_flows_shim._format import root as _root
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format import writer as _writer
+from computable_flows_shim._format.arrays import Mirror
 from computable_flows_shim._format.jsonattrs import to_json
 from computable_flows_shim._types import CheckpointId, PyTree, RunId, Step
 from computable_flows_shim.checkpoints import _distributed, _lineage, _retention
@@ -292,14 +293,20 @@ class CheckpointManager:
         return self._write(cid, lambda tmp: _writer.link_group(src, tmp, new, self._fsync_staging))
 
     # ------------------------------------------------------------ reading
-    def _dir(self, checkpoint_id: CheckpointId) -> str:
+    def _locate(self, checkpoint_id: CheckpointId) -> tuple[str, Mirror | None]:
+        """Where a committed checkpoint's files are read: its directory, and the mirror that
+        feeds them for a remote store (one lookup: on an object store each costs a request)."""
         if not isinstance(checkpoint_id, str) or not S.is_checkpoint_id(checkpoint_id):
             raise CheckpointNotFoundError(
                 f"{checkpoint_id!r} is not a checkpoint id (expected '<run_id>-i<iteration>')"
             )
         if not self.store.exists(checkpoint_id):
             raise CheckpointNotFoundError(f"no checkpoint {checkpoint_id!r} in {self.store}")
-        return self.store.path(checkpoint_id)
+        mirror = self.store.mirror(checkpoint_id)
+        return (mirror.root if mirror is not None else self.store.path(checkpoint_id)), mirror
+
+    def _dir(self, checkpoint_id: CheckpointId) -> str:
+        return self._locate(checkpoint_id)[0]
 
     def checkpoint_path(self, checkpoint_id: CheckpointId) -> str:
         """The Zarr group's location, for zarr-python, tensorstore, xarray... (a directory,
@@ -307,9 +314,9 @@ class CheckpointManager:
         self._dir(checkpoint_id)
         return self.store.url(checkpoint_id)
 
-    def _attrs(self, checkpoint_id: CheckpointId) -> dict:
-        path = self._dir(checkpoint_id)
-        attrs = _root.read_attrs(path, f"checkpoint {checkpoint_id!r}", self.store.mirror(checkpoint_id))
+    def _attrs(self, checkpoint_id: CheckpointId, located: tuple[str, Mirror | None] | None = None) -> dict:
+        path, mirror = located or self._locate(checkpoint_id)
+        attrs = _root.read_attrs(path, f"checkpoint {checkpoint_id!r}", mirror)
         if attrs[S.A_CHECKPOINT_ID] != checkpoint_id:
             raise CheckpointFormatError(
                 f"checkpoint {checkpoint_id!r}: its attrs name it {attrs[S.A_CHECKPOINT_ID]!r} (renamed by hand?)"
@@ -325,10 +332,9 @@ class CheckpointManager:
         ``metadata``, ``lineage``, ``telemetry_summary`` and ``telemetry`` (columns
         plus ``events``).
         """
-        path = self._dir(checkpoint_id)
+        path, mirror = self._locate(checkpoint_id)
         with deleted_while_reading(path, checkpoint_id):
-            attrs = self._attrs(checkpoint_id)
-            mirror = self.store.mirror(checkpoint_id)
+            attrs = self._attrs(checkpoint_id, (path, mirror))
             state = _reader.read_state(path, attrs, checkpoint_id, target, mirror)
             telemetry = _reader.read_telemetry(path, checkpoint_id, mirror)
         info = CheckpointInfo.from_attrs(attrs, path)
@@ -349,9 +355,9 @@ class CheckpointManager:
     def open_checkpoint(self, checkpoint_id: CheckpointId) -> CheckpointView:
         """A lazy view: attributes now, array bytes only when sliced (CheckpointNotFoundError
         if the checkpoint is deleted before a slice reads it)."""
-        path = self._dir(checkpoint_id)
+        path, mirror = self._locate(checkpoint_id)
         with deleted_while_reading(path, checkpoint_id):
-            return CheckpointView(path, self._attrs(checkpoint_id), self.store.mirror(checkpoint_id))
+            return CheckpointView(path, self._attrs(checkpoint_id, (path, mirror)), mirror)
 
     def list_checkpoints(self, run_id: RunId | None = None) -> list[CheckpointInfo]:
         """Committed checkpoints, newest first; damaged entries are skipped with a CheckpointWarning."""
