@@ -32,7 +32,6 @@ import numpy as np
 
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format.dtypes import fill_value_json, from_zarr_name, zarr_name
-from computable_flows_shim._format.io import sync_file
 from computable_flows_shim.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 
 TARGET_CHUNK_BYTES = 4 << 20
@@ -308,20 +307,44 @@ def _scratch(n: int) -> memoryview:
     return memoryview(buf)[:n]
 
 
-def _same_file_bytes(path: str, bufs: list) -> bool:
-    """True when the file at ``path`` holds exactly the concatenation of ``bufs``."""
+def _same_bytes(f: Any, bufs: list) -> bool:
+    """True when the open file ``f`` holds exactly the concatenation of ``bufs``."""
     views = [memoryview(b).cast("B") for b in bufs]
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        if os.fstat(f.fileno()).st_size != sum(len(v) for v in views):
+    if os.fstat(f.fileno()).st_size != sum(len(v) for v in views):
+        return False
+    for v in views:
+        got = _scratch(len(v))
+        if f.readinto(got) != len(v):
             return False
-        for v in views:
-            got = _scratch(len(v))
-            if f.readinto(got) != len(v):
+        # compared as numpy arrays: memoryview == memoryview goes element by element (30x slower)
+        if not np.array_equal(np.frombuffer(got, np.uint8), np.frombuffer(v, np.uint8)):
+            return False
+    return True
+
+
+def _link_if_same(base: str, bufs: list, path: str, durable: bool) -> bool:
+    """Hard-link ``base`` as ``path`` when it holds exactly ``bufs``; False when it differs or
+    cannot be linked (deleted meanwhile, too many links, another file system).  A durable save
+    syncs the file it links first, through the descriptor it compared: the base may have been
+    saved with ``durable=False``, and a link to data still in the page cache would not survive a
+    power cut (a clean file's fdatasync costs about 50 us here).  A failed sync raises, like any
+    failed fsync (never retried)."""
+    try:
+        fd = os.open(base, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
+            if not _same_bytes(f, bufs):
                 return False
-            # compared as numpy arrays: memoryview == memoryview goes element by element (30x slower)
-            if not np.array_equal(np.frombuffer(got, np.uint8), np.frombuffer(v, np.uint8)):
-                return False
+        except OSError:
+            return False
+        if durable:
+            os.fdatasync(f.fileno())
+    try:
+        os.link(base, path, follow_symlinks=False)
+    except OSError:
+        return False
     return True
 
 
@@ -349,26 +372,8 @@ def store_chunk(bufs: list, path: str, durable: bool, base: tuple[str, int] | No
     for b in bufs:
         crc = _crc.crc32c(b, crc)
     bufs = [*bufs, crc.to_bytes(S.CRC_BYTES, "little")]
-    if base is not None and base[1] == crc:
-        try:
-            same = _same_file_bytes(base[0], bufs)
-        except OSError:  # base deleted meanwhile: write it
-            same = False
-        if same and durable:
-            # A durable save syncs the chunk it links: the base may have been saved with
-            # durable=False, and a link to data still in the page cache would not survive a
-            # power cut (a clean file's fdatasync costs about 50 us here).  A failed sync fails
-            # the save, like any failed fsync (never retried).
-            try:
-                sync_file(base[0])
-            except FileNotFoundError:
-                same = False
-        if same:
-            try:
-                os.link(base[0], path, follow_symlinks=False)
-                return crc, 0
-            except OSError:  # base deleted meanwhile, too many links, another file system: write it
-                pass
+    if base is not None and base[1] == crc and _link_if_same(base[0], bufs, path, durable):
+        return crc, 0
     write_file(path, bufs, durable)
     return crc, sum(len(memoryview(b).cast("B")) for b in bufs)
 
