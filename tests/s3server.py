@@ -316,3 +316,15 @@ class DroppingProxy(FaultProxy):
     @property
     def dropped(self) -> int:
         return self.hits("drop")
+
+
+def assert_trees_equal(a: dict, b: dict) -> None:
+    """Two state dicts (nested) with the same keys and bit-equal arrays (dtype included)."""
+    import numpy as np
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_trees_equal(a[k], b[k])
+        else:
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), strict=True)

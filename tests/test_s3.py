@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+from s3server import assert_trees_equal
 
 from computable_flows_shim import (
     CheckpointCorruptError,
@@ -42,15 +43,6 @@ def _bucket(url: str) -> str:
     return url.split("/")[2]
 
 
-def _equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], dict):
-            _equal(a[k], b[k])
-        else:
-            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), strict=True)
-
-
 def test_manager_surface_on_s3(s3_url, s3_server):
     mgr = CheckpointManager(s3_url)
     assert isinstance(mgr.store, ObjectStore)
@@ -67,7 +59,7 @@ def test_manager_surface_on_s3(s3_url, s3_server):
     assert [i.checkpoint_id for i in mgr2.list_checkpoints("run")] == [c1, c0]
     assert mgr2.get_latest_checkpoint("run") == c1
     out = mgr2.load_checkpoint(c0)
-    _equal(out["state"], s0)
+    assert_trees_equal(out["state"], s0)
     assert out["flow_config"] == {"lr": 0.1}
     np.testing.assert_array_equal(out["telemetry"]["energy"], [3.0, 2.0])
     assert mgr2.verify_checkpoint(c1).ok
@@ -86,7 +78,7 @@ def test_manager_surface_on_s3(s3_url, s3_server):
 
     # rollback, tags, retention, delete
     branch = mgr2.rollback_to_checkpoint(c0, "branch")
-    _equal(mgr2.load_checkpoint(branch)["state"], s0)
+    assert_trees_equal(mgr2.load_checkpoint(branch)["state"], s0)
     assert mgr2.load_checkpoint(branch)["lineage"]["rollback_from"] == c0
     assert mgr2.tag_checkpoint(c0, "best") and not mgr2.tag_checkpoint(c0, "best")
     assert mgr2.tagged() == {c0: ["best"]}

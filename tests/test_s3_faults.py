@@ -17,7 +17,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from s3server import Fault, FaultProxy
+from s3server import Fault, FaultProxy, assert_trees_equal
 
 from computable_flows_shim import (
     CheckpointCorruptError,
@@ -47,15 +47,6 @@ def _state(seed: int) -> dict:
         "b": rng.standard_normal(300).astype(np.float32),
         "n": {"count": np.int64(seed), "mu": rng.standard_normal(50)},
     }
-
-
-def _equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], dict):
-            _equal(a[k], b[k])
-        else:
-            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), strict=True)
 
 
 # ---------------------------------------------------------------- which requests
@@ -134,7 +125,7 @@ def _check_store(url: str, s3_server, expected: dict[str, dict], *, cleanup: boo
     mgr = _clean(url)
     assert sorted(i.checkpoint_id for i in mgr.list_checkpoints()) == sorted(expected)
     for cid, state in expected.items():
-        _equal(mgr.load_checkpoint(cid)["state"], state)
+        assert_trees_equal(mgr.load_checkpoint(cid)["state"], state)
         assert mgr.verify_checkpoint(cid).ok
     if cleanup and _garbage(url, s3_server):
         time.sleep(LEASE + 0.1)  # what the failure left: cleanup removes it once its lease expired
@@ -169,7 +160,9 @@ def test_transient_faults_are_retried_and_every_operation_succeeds(s3_url, s3_se
         c1 = mgr.create_checkpoint("f", 2, s1)
         hits["save"], before = fault.hits - before, fault.hits
         fault.per_request.clear()  # each operation meets the fault afresh (a bulk delete's path is the bucket's)
-        _equal(CheckpointManager(_faulted(s3_url, proxy)).load_checkpoint(c0)["state"], s0)  # a fresh mirror
+        assert_trees_equal(
+            CheckpointManager(_faulted(s3_url, proxy)).load_checkpoint(c0)["state"], s0
+        )  # a fresh mirror
         hits["load"], before = fault.hits - before, fault.hits
         fault.per_request.clear()
         assert [i.checkpoint_id for i in mgr.list_checkpoints()] == [c1, c0]
@@ -200,7 +193,9 @@ def test_default_retries_ride_out_a_burst_of_slowdowns(s3_url, s3_server):
         mgr = CheckpointManager(ObjectStore(s3_url, endpoint=proxy.endpoint))
         state = _state(2)
         cid = mgr.create_checkpoint("d", 1, state)
-        _equal(CheckpointManager(ObjectStore(s3_url, endpoint=proxy.endpoint)).load_checkpoint(cid)["state"], state)
+        assert_trees_equal(
+            CheckpointManager(ObjectStore(s3_url, endpoint=proxy.endpoint)).load_checkpoint(cid)["state"], state
+        )
     assert proxy.hits(503) == 10
     _check_store(s3_url, s3_server, {cid: state}, cleanup=False)
 

@@ -479,6 +479,13 @@ def _read_small(f, size: int, where: str) -> bytes:
     return raw
 
 
+def _check_chunk_size(size: int, chunk_bytes: int, cwhere: str) -> None:
+    if size != chunk_bytes + S.CRC_BYTES:
+        raise CheckpointCorruptError(
+            f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)"
+        )
+
+
 def read_chunk(
     layout: Layout,
     coords: tuple[int, ...],
@@ -510,10 +517,7 @@ def read_chunk(
             except (ValueError, RuntimeError, TypeError) as e:
                 raise CheckpointCorruptError(f"{cwhere}: undecodable text chunk ({e})") from None
         chunk_bytes = math.prod(layout.chunk_shape) * layout.dtype.itemsize
-        if size != chunk_bytes + S.CRC_BYTES:
-            raise CheckpointCorruptError(
-                f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)"
-            )
+        _check_chunk_size(size, chunk_bytes, cwhere)
         raw = _read_small(f, size, cwhere)
     view = memoryview(raw)[:chunk_bytes]
     _check_crc(_crc.crc32c(view), raw[chunk_bytes:], expected_crc, cwhere)
@@ -540,10 +544,7 @@ def read_chunk_into(
     chunk_bytes = math.prod(layout.chunk_shape) * itemsize
     f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere, mirror)
     with f:
-        if size != chunk_bytes + S.CRC_BYTES:
-            raise CheckpointCorruptError(
-                f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)"
-            )
+        _check_chunk_size(size, chunk_bytes, cwhere)
         start, n = _slab_span(layout, region, itemsize)
         dst = out.reshape(-1).view(np.uint8)[start : start + n].data
         try:

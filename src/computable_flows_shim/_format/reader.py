@@ -203,9 +203,8 @@ def read_region(stored: StoredArray, key: Any, name: str) -> tuple[np.ndarray, i
                 per_dim.append(range(lo // c, hi // c + 1))
             else:
                 per_dim.append(sorted({i // c for i in r}))
-        crc_index: dict[tuple[int, ...], int] = {c: i for i, c in enumerate(layout.coords())}
         for coords in itertools.product(*per_dim):
-            crc = stored.crcs[crc_index[coords]]
+            crc = stored.crcs[int(np.ravel_multi_index(coords, layout.grid)) if coords else 0]
             chunk = read_chunk(layout, coords, stored.dirpath, crc, stored.where, stored.mirror)
             chunks_read += 1
             region = layout.region(coords)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from typing import Any
 
 from computable_flows_shim import CheckpointManager
 from computable_flows_shim.errors import StoreUnavailableError
@@ -27,6 +29,11 @@ def open_manager(args: argparse.Namespace, create: bool = False) -> CheckpointMa
     return CheckpointManager(root)
 
 
+def print_json(obj: Any) -> None:
+    """A command's ``--json`` output."""
+    print(json.dumps(obj, indent=2, default=str))
+
+
 def add_store_option(parser: argparse.ArgumentParser, top: bool) -> None:
     """``--store`` on ``cfs`` itself and on every subcommand (before or after it), the
     subcommand's value winning when both are given."""
@@ -39,4 +46,4 @@ def add_store_option(parser: argparse.ArgumentParser, top: bool) -> None:
     )
 
 
-__all__ = ["DEFAULT_STORE", "store_location", "open_manager", "add_store_option"]
+__all__ = ["DEFAULT_STORE", "store_location", "open_manager", "add_store_option", "print_json"]

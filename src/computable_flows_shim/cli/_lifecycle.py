@@ -7,7 +7,6 @@ the public API; this module parses options and prints tables.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -21,7 +20,7 @@ from computable_flows_shim import (
     import_orbax,
 )
 from computable_flows_shim._display import human_bytes
-from computable_flows_shim.cli._common import open_manager, store_location
+from computable_flows_shim.cli._common import open_manager, print_json, store_location
 
 
 def bar(args: argparse.Namespace, total: int, *, unit: str = "checkpoint", nbytes: bool = False, desc: str = ""):
@@ -109,10 +108,6 @@ def policy_from(args: argparse.Namespace):
 
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
 def _decision_table(report) -> None:
     print(f"{'checkpoint':<40} {'iteration':>10}  {'action':<7} reasons")
     for d in report.decisions:
@@ -135,7 +130,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         report = mgr.apply_retention(args.run, policy, dry_run=args.dry_run, force=args.force, progress=progress)
     freed = usage.freed_by(report.deleted)
     if args.json:
-        _print_json({**report.to_dict(), "freed_bytes": freed})
+        print_json({**report.to_dict(), "freed_bytes": freed})
         return 0
     mode = "dry run, nothing deleted" if args.dry_run else "done"
     print(f"run {args.run!r}: {report.policy}{', force' if args.force else ''} ({mode})")
@@ -161,7 +156,7 @@ def cmd_du(args: argparse.Namespace) -> int:
         out["gc"] = {"policy": report.policy, "would_delete": report.deleted, "would_free_bytes": None}
         out["gc"]["would_free_bytes"] = usage.freed_by(report.deleted)
     if args.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(
         f"{store_location(args.root)}: {len(usage.checkpoints)} checkpoint(s) in {len(usage.runs)} run(s), "
@@ -203,7 +198,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 def cmd_tags(args: argparse.Namespace) -> int:
     tagged = open_manager(args).tagged(args.tag, args.run)
     if args.json:
-        _print_json(tagged)
+        print_json(tagged)
         return 0
     for cid, tags in tagged.items():
         print(f"{cid:<40} {', '.join(tags)}")

@@ -6,24 +6,19 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
 
 from computable_flows_shim import make_example, resume_flow, run_flow
 from computable_flows_shim._format.spec import is_checkpoint_id
 from computable_flows_shim.cli import _analysis as _cli_analysis
 from computable_flows_shim.cli import _lifecycle as _cli_lifecycle
-from computable_flows_shim.cli._common import add_store_option, open_manager, store_location
+from computable_flows_shim.cli._common import add_store_option, open_manager, print_json, store_location
 from computable_flows_shim.errors import CheckpointNotFoundError, ComputableFlowsError
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     infos = open_manager(args).list_checkpoints(args.run)
     if args.json:
-        _print_json(
+        print_json(
             [
                 {
                     "checkpoint_id": i.checkpoint_id,
@@ -69,7 +64,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         **layout,
     }
     if args.json:
-        _print_json(info)
+        print_json(info)
         return 0
     for k in ("checkpoint_id", "run_id", "iteration", "created_at", "path"):
         print(f"{k:>18}: {info[k]}")
@@ -98,7 +93,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             if not progress.disable:
                 progress.update(sizes.get(cid, 0))
             if args.json:
-                _print_json({"checkpoint_id": cid, "ok": report.ok, "problems": report.problems})
+                print_json({"checkpoint_id": cid, "ok": report.ok, "problems": report.problems})
             else:  # tqdm's write keeps the bar below the lines
                 progress.write(f"{cid}: {'OK' if report.ok else 'DAMAGED'}", file=sys.stdout)
                 for p in report.problems:
