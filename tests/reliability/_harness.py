@@ -102,7 +102,7 @@ def make_save_args(shape: str, iteration: int) -> dict:
 
 WRAPPED = ("open", "write", "writev", "fsync", "fdatasync", "rename", "replace", "mkdir", "link")
 WRITES = ("write", "writev")
-FSYNCS = ("fsync", "fdatasync")
+FSYNCS = ("fsync", "fdatasync", "syncfs")
 
 
 class _Killed(Exception):
@@ -195,7 +195,7 @@ class IOTracer:
             self.injected.append({"n": n, "op": name, "path": path, "errno": err})
             if ident is not None:
                 self.failed_fsync[ident] = {"n": n, "path": path}
-            if name == "renameat2":
+            if name in ("renameat2", "syncfs"):  # ctypes functions: -1 and errno
                 import ctypes
 
                 ctypes.set_errno(err)
@@ -235,6 +235,7 @@ class IOTracer:
         return result
 
     def install(self) -> None:
+        from computable_flows_shim._format import io as _io
         from computable_flows_shim.store import _local as _store
 
         for name in WRAPPED:
@@ -245,6 +246,9 @@ class IOTracer:
             real_r = _store._renameat2
             self.real["renameat2"] = real_r
             _store._renameat2 = self._wrapper("renameat2", real_r)
+        if _io._syncfs is not None:
+            self.real["syncfs"] = _io._syncfs
+            _io._syncfs = self._wrapper("syncfs", _io._syncfs)
         self.active = True
 
     def _wrapper(self, name: str, real):
@@ -284,6 +288,10 @@ def _child(cmd: dict, report_fd: int) -> None:
         _loop(mgr, cmd, report_fd)
         return
     args = make_save_args(cmd["shape"], cmd["iteration"]) if op == "save" else {}
+    if cmd.get("no_syncfs"):  # the per-file syncs of a platform without syncfs
+        from computable_flows_shim._format import writer
+
+        writer.HAVE_SYNCFS = False
     tracer = IOTracer(plan, report_fd)
     tracer.install()
     result: dict = {}

@@ -6,7 +6,8 @@ entries), plus any part of the rest, in any order.  So:
 
 1. :class:`Recorder` wraps the file-system calls of the process (``os.open``, ``write``,
    ``writev``, ``fsync``, ``fdatasync``, ``mkdir``, ``link``, ``rename``, ``replace``,
-   ``unlink``, ``rmdir`` and the ``renameat2`` the store calls through ctypes) while the library
+   ``unlink``, ``rmdir`` and the ``renameat2`` and ``syncfs`` the library calls through ctypes;
+   ``syncfs`` makes every file and entry on the file system durable) while the library
    runs unmodified, and logs every change under the store directory as a logical operation on
    a model of the tree (inodes, directory entries, file bytes), starting from a snapshot.
 2. :func:`crash_states` replays the log and, after every operation, yields the trees a POSIX
@@ -139,6 +140,15 @@ class Model:
                 for i in node.pending:
                     self.ops[i].durable = True
                 node.pending = []
+        elif op == "syncfs":  # ("syncfs",): everything on the file system, files and directories
+            for node in self.nodes.values():
+                if node.kind == "f":
+                    node.synced = bytes(node.data)
+                else:
+                    node.synced_entries = dict(node.entries)
+                    node.pending = []
+            for o in self.ops:
+                o.durable = True
         elif op == "link":  # ("link", node, parent, name)
             _, nid, parent, name = ev
             self._dir_op([(parent, name, nid)])
@@ -333,6 +343,7 @@ def _ident(fd: int) -> tuple[int, int] | None:
         return None
     return st.st_dev, st.st_ino
 
+
 _WRAPPED = ("open", "write", "writev", "fsync", "fdatasync", "mkdir", "link", "rename", "replace", "unlink", "rmdir")
 
 
@@ -447,6 +458,13 @@ class Recorder:
 
         return sync
 
+    def _syncfs(self, fd):
+        with self.lock:
+            out = self._real["syncfs"](fd)
+            if out == 0:
+                self._emit(("syncfs",))
+            return out
+
     def _mkdir(self, path, mode=0o777, *, dir_fd=None):
         p = self._abs(path, dir_fd)
         with self.lock:
@@ -506,6 +524,7 @@ class Recorder:
         return remove
 
     def __enter__(self) -> Recorder:
+        from computable_flows_shim._format import io as _io
         from computable_flows_shim.store import _local as _store
 
         wrappers = {
@@ -527,14 +546,19 @@ class Recorder:
         self._real["renameat2"] = _store._renameat2
         if _store._renameat2 is not None:
             _store._renameat2 = self._renameat2
+        self._real["syncfs"] = _io._syncfs
+        if _io._syncfs is not None:
+            _io._syncfs = self._syncfs
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        from computable_flows_shim._format import io as _io
         from computable_flows_shim.store import _local as _store
 
         for name in _WRAPPED:
             setattr(os, name, self._real[name])
         _store._renameat2 = self._real["renameat2"]
+        _io._syncfs = self._real["syncfs"]
 
 
 __all__ = ["Recorder", "Model", "crash_states", "materialize", "CrashState"]

@@ -23,6 +23,7 @@ import random
 import pytest
 
 from computable_flows_shim import CheckpointManager
+from computable_flows_shim._format.io import HAVE_SYNCFS
 
 from ._harness import SHAPES, make_save_args
 from .conftest import add, assert_checkpoint_is, staging_entries
@@ -106,7 +107,8 @@ def kill_sweep(forkserver, store: str, shape: str, figures: dict, op: str = "sav
     assert stats["kill points"] >= calls["result"]["calls"] - 2 or op != "save"
     # the sweep really killed the operation inside its I/O (for a delete too: the rename that
     # removes it, and the store fsync after it), not just ran it to the end
-    hit = {"mkdir", "rename", "fsync"} if op == "delete" else {"open", "mkdir", "fdatasync", "fsync"}
+    data_sync = "syncfs" if HAVE_SYNCFS else "fdatasync"  # a save's one syncfs, or its per-file syncs
+    hit = {"mkdir", "rename", "fsync"} if op == "delete" else {"open", "mkdir", data_sync, "fsync"}
     assert stats["kills"] > 0 and hit <= ops_hit, (stats, ops_hit)
     label = shape if op == "save" else f"{op} ({shape})"
     figures["1. kill points (SIGKILL at every I/O call)"].update(

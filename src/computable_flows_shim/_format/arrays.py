@@ -42,6 +42,20 @@ STRING = "string"
 _VLEN = numcodecs.VLenUTF8()
 
 
+ALIGNMENT = 64
+"""Restored arrays start on this byte boundary: JAX on the CPU then adopts the host buffer
+as it is (``jax.device_put`` without a copy), and a device transfer reads aligned memory."""
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an :data:`ALIGNMENT` boundary
+    (numpy's own allocations of large arrays are only 16-byte aligned)."""
+    n = math.prod(shape) * dtype.itemsize
+    buf = np.empty(n + ALIGNMENT, np.uint8)
+    off = -buf.ctypes.data % ALIGNMENT
+    return buf[off : off + n].view(dtype).reshape(shape)
+
+
 def slab_chunk_shape(shape: tuple[int, ...], itemsize: int, target: int = TARGET_CHUNK_BYTES) -> tuple[int, ...]:
     """The largest C-contiguous slab chunk of at most ``target`` bytes."""
     chunk = [1] * len(shape)

@@ -4,6 +4,8 @@ stores)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,6 +55,38 @@ def run_batched(tasks: list[Callable[[], Any]], weights: list[int] | None = None
     return [r for batch in results for r in batch]
 
 
+_syncfs: Any
+try:
+    _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    _syncfs.argtypes = [ctypes.c_int]
+except (OSError, AttributeError):  # not Linux
+    _syncfs = None
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        got = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except (AttributeError, ValueError):
+        return False
+    return got >= (major, minor)
+
+
+HAVE_SYNCFS = _syncfs is not None and _kernel_at_least(5, 8)
+"""One ``syncfs`` may replace per-file syncs: Linux, from 5.8 on (before, ``syncfs`` did not
+report writeback errors, so a failed write could go unnoticed)."""
+
+
+def syncfs(fd: int) -> None:
+    """Make everything written to the file system holding the open ``fd`` durable: file data,
+    sizes and directory entries (Linux ``syncfs(2)``; since Linux 5.8 it reports a writeback
+    error on that file system since ``fd`` was opened)."""
+    if _syncfs is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory's entries durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -71,4 +105,14 @@ def sync_file(path: str) -> None:
         os.close(fd)
 
 
-__all__ = ["POOL", "REMOTE_POOL", "BATCH_BYTES", "run_all", "run_batched", "fsync_dir", "sync_file"]
+__all__ = [
+    "POOL",
+    "REMOTE_POOL",
+    "BATCH_BYTES",
+    "run_all",
+    "run_batched",
+    "fsync_dir",
+    "sync_file",
+    "syncfs",
+    "HAVE_SYNCFS",
+]

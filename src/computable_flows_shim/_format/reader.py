@@ -1,7 +1,12 @@
 """Reading a checkpoint back, checking everything and naming the leaf and chunk of any damage:
 ``state_leaves`` (the one walk from state leaves to stored arrays), ``read_state`` (eager,
 or into a target's types and shardings), ``read_region`` (a slice, only the chunks it
-touches), ``read_telemetry`` and ``verify_group``."""
+touches), ``read_telemetry`` and ``verify_group``.
+
+Why one module: every way of reading a checkpoint back (whole, into a target, a region, the
+telemetry, a verification) goes through the same checks (safe paths, metadata checksums,
+chunk sizes and CRCs, memory bounds), which stay in one place so that no way of reading can
+skip one."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import itertools
 import math
 import operator
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +29,7 @@ from computable_flows_shim._format.arrays import (
     MAX_METADATA_BYTES,
     Layout,
     Mirror,
+    aligned_empty,
     mirror_rel,
     open_regular,
     parse_array,
@@ -31,7 +38,7 @@ from computable_flows_shim._format.arrays import (
     read_failed,
     read_json,
 )
-from computable_flows_shim._format.io import POOL, REMOTE_POOL, run_all
+from computable_flows_shim._format.io import REMOTE_POOL, run_all, run_batched
 from computable_flows_shim._format.root import crc32c_of, expected_crc, metadata_crcs, read_attrs
 from computable_flows_shim._format.tree import (
     KEY_IMPLS,
@@ -52,8 +59,12 @@ from computable_flows_shim.errors import (
 )
 
 
-def _safe_join(root: str, relpath: str, where: str) -> str:
-    """Join a stored '/'-path under ``root``; refuse anything that could leave it."""
+def _safe_join(root: str, relpath: str, where: str, verified: set[str] | None = None) -> str:
+    """Join a stored '/'-path under ``root``; refuse anything that could leave it: no
+    ``..``, no absolute path, and no symlink anywhere from ``root`` down (each directory on
+    the way is ``lstat``-ed; ``verified`` remembers those already checked, so that a load
+    of thousands of leaves checks ``state/`` once, not once per leaf).  A component that
+    does not exist is left for the open to report as missing."""
     parts = relpath.split("/")
     if (
         not relpath
@@ -63,13 +74,23 @@ def _safe_join(root: str, relpath: str, where: str) -> str:
         or any(p in ("", ".", "..") for p in parts)
     ):
         raise CheckpointFormatError(f"{where}: unsafe path {relpath!r}")
-    path = os.path.join(root, *parts)
-    # no symlink anywhere from the checkpoint down: not root (state/, telemetry/), not on the way
-    if os.path.islink(root):
-        raise CheckpointFormatError(f"{where}: {os.path.basename(root)} is a symlink")
-    real_root = os.path.realpath(root)
-    if os.path.realpath(path) != os.path.join(real_root, *parts):
-        raise CheckpointFormatError(f"{where}: path {relpath!r} goes through a symlink")
+    verified = set() if verified is None else verified
+    path = root
+    for i, part in enumerate([None, *parts]):
+        if part is not None:
+            path = os.path.join(path, part)
+        if path in verified:
+            continue
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return os.path.join(root, *parts)  # missing (or unreadable): the open says so
+        if stat.S_ISLNK(st.st_mode):
+            if part is None:
+                raise CheckpointFormatError(f"{where}: {os.path.basename(root)} is a symlink")
+            raise CheckpointFormatError(f"{where}: path {relpath!r} goes through a symlink")
+        if i < len(parts) or stat.S_ISDIR(st.st_mode):
+            verified.add(path)
     return path
 
 
@@ -105,7 +126,9 @@ class StoredArray:
             self.check_backed()
         _check_fits_in_memory(self.nbytes, self.where)
         try:
-            return np.empty(layout.shape, dtype=object if layout.dtype is None else layout.dtype)
+            if layout.dtype is None:
+                return np.empty(layout.shape, dtype=object)
+            return aligned_empty(layout.shape, layout.dtype)
         except (MemoryError, ValueError) as e:
             raise CheckpointTooLargeError(f"{self.where}: cannot allocate shape {layout.shape} ({e})") from e
 
@@ -145,10 +168,13 @@ class StoredArray:
                 )
 
 
-def open_array(root: str, relpath: str, where: str, mirror: Mirror | None = None) -> StoredArray:
+def open_array(
+    root: str, relpath: str, where: str, mirror: Mirror | None = None, verified: set[str] | None = None
+) -> StoredArray:
     """An array of the checkpoint whose ``state/`` or ``telemetry/`` directory is ``root``,
-    its zarr.json checked against the checkpoint's metadata checksums when it has them."""
-    dirpath = _safe_join(root, relpath, where)
+    its zarr.json checked against the checkpoint's metadata checksums when it has them
+    (``verified``: directories already checked for symlinks, see :func:`_safe_join`)."""
+    dirpath = _safe_join(root, relpath, where, verified)
     crcs = metadata_crcs(os.path.dirname(root), where, mirror)
     key = f"{os.path.basename(root)}/{relpath}/zarr.json"
     meta = read_json(os.path.join(dirpath, "zarr.json"), where, expected_crc(crcs, key, where), mirror)
@@ -174,9 +200,7 @@ def _normalize_index(key: Any, shape: tuple[int, ...], name: str) -> list[int | 
         try:
             i = operator.index(k)
         except TypeError:
-            raise TypeError(
-                f"{name}: LazyArray supports ints, slices and '...', got {type(k).__name__}"
-            ) from None
+            raise TypeError(f"{name}: LazyArray supports ints, slices and '...', got {type(k).__name__}") from None
         if not -n <= i < n:
             raise IndexError(f"index {i} is out of bounds for axis {d} with size {n}")
         out.append(i % n)
@@ -231,17 +255,17 @@ def _relative(k: int | slice, r: range, lo: int) -> int | slice:
     return slice(r.start - lo, stop if stop >= 0 else None, r.step)
 
 
-def check_group_metadata(
-    dirpath: str, prefix: str, skip: set[str], where: str, mirror: Mirror | None = None
-) -> None:
+def check_group_metadata(dirpath: str, prefix: str, skip: set[str], where: str, mirror: Mirror | None = None) -> None:
     """Check every checksummed zarr.json under ``prefix`` that is not in ``skip`` (the group
     documents a load does not otherwise read): a load detects damage anywhere in the
     metadata, not only in the files it needs."""
     crcs = metadata_crcs(dirpath, where, mirror)
+    verified: set[str] = set()
     for key, crc in (crcs or {}).items():
         if key.startswith(prefix) and key not in skip:
             # the bytes only: state/zarr.json holds consolidated metadata that a load never parses
-            fd, _ = open_regular(_safe_join(dirpath, key, where), f"{where}, {key}", "zarr.json", mirror)
+            path = _safe_join(dirpath, key, where, verified)
+            fd, _ = open_regular(path, f"{where}, {key}", "zarr.json", mirror)
             try:
                 with os.fdopen(fd, "rb") as f:
                     got = crc32c_of(f.read(MAX_METADATA_BYTES + 1))
@@ -268,9 +292,16 @@ def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
     if arrays:
         _check_fits_in_memory(sum(a.nbytes for a in arrays), arrays[0].where.split(", leaf")[0])
     outs = [a.empty(backed=True) for a in arrays]
-    tasks = [t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)]
-    # chunks of a remote checkpoint are fetched by these tasks: many requests in flight
-    run_all(tasks, REMOTE_POOL if any(a.mirror is not None for a in arrays) else POOL)
+    if any(a.mirror is not None for a in arrays):
+        # chunks of a remote checkpoint are fetched by these tasks: many requests in flight
+        run_all([t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)], REMOTE_POOL)
+        return outs
+    tasks, weights = [], []
+    for a, o in zip(arrays, outs):
+        chunk_tasks = a.chunk_tasks(o)
+        tasks += chunk_tasks
+        weights += [a.nbytes // max(1, len(chunk_tasks))] * len(chunk_tasks)
+    run_batched(tasks, weights)  # thousands of small chunks: one thread hand-off per batch, not per chunk
     return outs
 
 
@@ -287,9 +318,11 @@ def state_leaves(
     ``zarr.json`` of ``state/`` (a load does, to find damage anywhere in the metadata)."""
     state_dir = os.path.join(dirpath, S.STATE_GROUP)
     out: list[tuple[tuple, dict, StoredArray | None]] = []
+    verified: set[str] = set()
     for kp, node in iter_leaf_nodes(attrs[S.A_TREE], where=f"checkpoint {checkpoint!r}"):
         if node["kind"] == "array":
-            out.append((kp, node, open_array(state_dir, node["path"], _leaf_where(checkpoint, kp), mirror)))
+            where = _leaf_where(checkpoint, kp)
+            out.append((kp, node, open_array(state_dir, node["path"], where, mirror, verified)))
         else:
             out.append((kp, node, None))
     if check_metadata:
@@ -348,6 +381,7 @@ def read_state(
     needed = [s for kp, _ in pairs if (s := by_kp[kp][1]) is not None and kp not in sharded]
     arrays = dict(zip((id(s) for s in needed), read_arrays(needed)))
     leaves: list[Any] = []
+    to_device: dict[bool, list[int]] = {True: [], False: []}  # leaf indices, by "has a sharding"
     for kp, expected in pairs:
         node, s = by_kp[kp]
         if s is None:
@@ -362,11 +396,19 @@ def read_state(
             continue
         v = _finish_leaf(node, arrays[id(s)], s, kp, checkpoint)
         if isinstance(expected, (jax.Array, jax.ShapeDtypeStruct)):
-            sharding = getattr(expected, "sharding", None)
-            v = jax.device_put(v, sharding) if sharding is not None else jax.device_put(v)
+            to_device[getattr(expected, "sharding", None) is not None].append(len(leaves))
         elif isinstance(expected, np.generic) and isinstance(v, np.ndarray):
             v = v[()]
         leaves.append(v)
+    # one transfer call for all leaves (JAX batches them); on the CPU, the aligned host
+    # buffers are adopted without a copy
+    if to_device[True]:
+        shardings = [pairs[i][1].sharding for i in to_device[True]]
+        for i, v in zip(to_device[True], jax.device_put([leaves[i] for i in to_device[True]], shardings)):
+            leaves[i] = v
+    if to_device[False]:
+        for i, v in zip(to_device[False], jax.device_put([leaves[i] for i in to_device[False]])):
+            leaves[i] = v
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

@@ -91,9 +91,6 @@ a committed checkpoint never changes, so every array read can check its metadata
 the root's checksums without reading the root again."""
 
 
-
-
-
 def _root_key(path: str, st: os.stat_result) -> tuple:
     return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
