@@ -42,7 +42,8 @@ def test_notebook_executes(name, tmp_path):
     stderr = [o.text for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("name") == "stderr"]
     assert not [s for s in stderr if "Warning" in s], stderr
     if name == "analyze_run.ipynb":
-        assert len(_outputs(nb, "image/png")) >= 2  # plot_telemetry and the xarray plot
+        assert len(_outputs(nb, "image/png")) >= 3  # plot_telemetry, the xarray plot, plot_states
         html = "".join(o["data"]["text/html"] for o in _outputs(nb, "text/html"))
         for needed in ("CheckpointManager", "deconv-branch", "CheckpointView", "CheckpointDiff", "xarray.Dataset"):
             assert needed in html, needed
+        assert "deblur-i000000000600" in html and "distance_to_last" in html  # the run states section

@@ -6,10 +6,12 @@ tensorstore, xarray and dask open without this package.
 
 from computable_flows_shim._format.spec import FORMAT_NAME, FORMAT_VERSION
 from computable_flows_shim._types import CheckpointId, PyTree, RunId, Step
+from computable_flows_shim.analysis._convergence import distance_to, successive_change, telemetry_at_checkpoints
 from computable_flows_shim.analysis._diff import CheckpointDiff, LeafDiff, diff_checkpoints
 from computable_flows_shim.analysis._export import export_checkpoint
 from computable_flows_shim.analysis._orbax import import_orbax
-from computable_flows_shim.analysis._plot import plot_telemetry
+from computable_flows_shim.analysis._plot import plot_states, plot_telemetry
+from computable_flows_shim.analysis._states import open_run_states
 from computable_flows_shim.analysis._xarray import open_telemetry
 from computable_flows_shim.checkpoints._lineage import RunInfo, format_run_tree, list_runs, open_run
 from computable_flows_shim.checkpoints._manager import CheckpointInfo, CheckpointManager, VerifyReport
@@ -147,6 +149,11 @@ __all__ = [
     "open_run",
     "open_telemetry",
     "plot_telemetry",
+    "open_run_states",
+    "distance_to",
+    "successive_change",
+    "telemetry_at_checkpoints",
+    "plot_states",
     "state_dataset",
     "state_datatree",
     "__version__",

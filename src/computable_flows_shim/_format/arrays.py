@@ -106,6 +106,11 @@ class Mirror(Protocol):
         """The object's size from the commit record, without fetching it."""
         ...
 
+    def digest(self, rel: str) -> str | None:
+        """The object's SHA-256 (hex) from the commit record, without fetching it (None: not
+        recorded): equal digests are the same bytes (an unchanged chunk's server-side copy)."""
+        ...
+
 
 def mirror_rel(mirror: Mirror | None, path: str) -> str | None:
     """``path`` relative to the mirror's root (``/``-separated), or None outside any mirror."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import numpy as np
 from computable_flows_shim import _display as _repr
 from computable_flows_shim._format import reader as _reader
 from computable_flows_shim._format import spec as S
-from computable_flows_shim._format.arrays import Mirror, read_chunk
+from computable_flows_shim._format.arrays import Mirror, mirror_rel, read_chunk
 from computable_flows_shim._format.reader import StoredArray
 from computable_flows_shim._format.tree import KeyPath, keystr, scalar_value, unflatten
 from computable_flows_shim._types import PyTree
@@ -231,6 +232,22 @@ class CheckpointView:
         crc = stored.crcs[int(np.ravel_multi_index(coords, stored.layout.grid)) if coords else 0]
         with deleted_while_reading(self.path, self.checkpoint_id):
             return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where, stored.mirror)
+
+    def chunk_identity(self, stored: StoredArray, coords: tuple[int, ...]) -> tuple | None:
+        """What identifies one stored chunk's bytes without reading them (None: nothing does):
+        ``("file", device, inode, size)`` locally, where a hard link (incremental saves,
+        rollbacks) is one immutable file; ``("sha256", digest, size)`` for a remote object
+        whose commit record gives its SHA-256 (unchanged chunks are server-side copies)."""
+        path = os.path.join(stored.dirpath, *stored.layout.key(coords).split("/"))
+        rel = mirror_rel(self.mirror, path)
+        if self.mirror is not None and rel is not None:
+            sha, size = self.mirror.digest(rel), self.mirror.size(rel)
+            return ("sha256", sha, size) if sha is not None and size is not None else None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        return ("file", st.st_dev, st.st_ino, st.st_size) if stat.S_ISREG(st.st_mode) else None
 
     def telemetry_columns(self) -> dict:
         """The telemetry as stored: ``{column: numpy array}`` plus ``events`` (a list of dicts)."""

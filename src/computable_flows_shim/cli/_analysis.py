@@ -1,8 +1,8 @@
 """``cfs diff``, ``cfs tree``, ``cfs plot``, ``cfs export`` and the leaf table of ``cfs show``.
 
 Thin like the rest of the CLI: each command calls one public function
-(:func:`diff_checkpoints`, :func:`list_runs`, :func:`plot_telemetry`,
-:func:`export_checkpoint`, :func:`describe_leaves`) and prints its result.
+(:func:`diff_checkpoints`, :func:`list_runs`, :func:`plot_telemetry` or with ``--state``
+:func:`plot_states`, :func:`export_checkpoint`, :func:`describe_leaves`) and prints its result.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from computable_flows_shim import (
     export_checkpoint,
     format_run_tree,
     list_runs,
+    plot_states,
     plot_telemetry,
 )
 from computable_flows_shim._display import human_bytes
@@ -93,9 +94,26 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     try:
-        plot_telemetry(open_manager(args), args.runs or None, args.columns, path=args.output, title=args.title)
-    except ValueError as e:  # no such telemetry column
-        print(f"cfs: error: {e}", file=sys.stderr)
+        if args.state is None:
+            columns = args.columns or ["E", "grad_norm", "phase"]
+            plot_telemetry(open_manager(args), args.runs or None, columns, path=args.output, title=args.title)
+        else:
+            runs = args.runs[0] if len(args.runs) == 1 else (args.runs or None)  # one run: no run axis
+            reference = int(args.reference) if args.reference.lstrip("-").isdigit() else args.reference
+            plot_states(
+                open_manager(args),
+                runs,
+                args.state,
+                iterations=args.iterations,
+                count=args.count,
+                reference=reference,
+                norm=args.norm,
+                columns=args.columns,
+                path=args.output,
+                title=args.title,
+            )
+    except (ValueError, KeyError, TypeError) as e:  # no such column, leaf or iteration; a text leaf
+        print(f"cfs: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     print(args.output)
     return 0
@@ -128,11 +146,27 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser("tree", help="runs and their rollback lineage as a tree")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_guarded(cmd_tree))
-    s = sub.add_parser("plot", help="plot telemetry curves (energy, gradient norm, phase) of runs")
+    s = sub.add_parser(
+        "plot",
+        help="plot telemetry curves (energy, gradient norm, phase) of runs, or with --state a leaf over checkpoints",
+    )
     s.add_argument("runs", nargs="*", metavar="RUN", help="run or checkpoint ids (default: every run)")
     s.add_argument("-o", "--output", required=True, help="image file: .png, .svg, .pdf")
-    s.add_argument("--columns", nargs="+", default=["E", "grad_norm", "phase"], help="default: E grad_norm phase")
+    s.add_argument(
+        "--columns", nargs="+", default=None, help="telemetry columns (default: E grad_norm phase; with --state: E)"
+    )
     s.add_argument("--title", default=None)
+    s.add_argument(
+        "--state",
+        metavar="LEAF",
+        default=None,
+        help="a state leaf (its stored path, e.g. x): a grid of a 2-D leaf at chosen checkpoints, and its "
+        "distance to the last checkpoint and change from the previous one (RUNs are run ids)",
+    )
+    s.add_argument("--iterations", nargs="+", type=int, default=None, help="with --state: the checkpoints to show")
+    s.add_argument("--count", type=int, default=6, help="with --state: how many evenly spaced checkpoints (default 6)")
+    s.add_argument("--reference", default="last", help="with --state: distance to 'last' (default), 'first' or ITER")
+    s.add_argument("--norm", choices=["l2", "l1", "linf", "rms"], default="l2", help="with --state (default l2)")
     s.set_defaults(func=_guarded(cmd_plot))
     s = sub.add_parser("export", help="write a checkpoint as HDF5 (.h5) or NumPy (.npz)")
     s.add_argument("checkpoint_id")

@@ -835,6 +835,12 @@ class _Mirror:
         meta = self.rec["objects"].get(rel)
         return None if meta is None else meta[0]
 
+    def digest(self, rel: str) -> str | None:
+        """The object's SHA-256 (hex) from the commit record, without fetching it: what tells
+        a server-side copy of an unchanged chunk from new bytes (``CheckpointView.chunk_identity``)."""
+        meta = self.rec["objects"].get(rel)
+        return meta[2] if meta is not None and len(meta) > 2 else None
+
 
 class ObjectTagIndex:
     """Tags in an object store: ``.cfs-tags/<checkpoint_id>/<tag>`` empty objects (the
