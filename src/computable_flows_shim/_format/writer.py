@@ -196,6 +196,35 @@ class WriteStats:
     bytes_linked: int = 0
 
 
+_WRITTEN: dict[tuple[int, int, int, int], tuple[Layout, list[int]]] = {}
+"""Layout and chunk CRCs of the array zarr.json files this process wrote, by the file's
+identity (device, inode, size, mtime): the next save of the run finds its base's manifests
+here instead of reading and parsing one zarr.json per leaf again (the identity survives the
+commit rename; a file changed or replaced since has another).  Only a hint: a chunk is
+linked only when its bytes are found identical."""
+_WRITTEN_MAX = 200_000
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _write_array_metadata(path: str, raw: bytes, durable: bool, layout: Layout, crcs: list[int]) -> None:
+    write_file(path, [raw], durable)
+    if len(_WRITTEN) >= _WRITTEN_MAX:
+        _WRITTEN.clear()
+    _WRITTEN[_file_identity(os.stat(path))] = (layout, crcs)
+
+
+def _base_manifest(adir: str) -> tuple[Layout, list[int]]:
+    path = os.path.join(adir, "zarr.json")
+    hit = _WRITTEN.get(_file_identity(os.stat(path, follow_symlinks=False)))
+    if hit is not None:
+        return hit
+    layout, crcs, _ = parse_array(read_json(path, adir), adir)
+    return layout, crcs
+
+
 def _base_chunks(base_dir: str | None, arr: _Array) -> list[tuple[str, int] | None]:
     """For each chunk of ``arr``: the chunk at the same grid position in ``base_dir``'s
     array of the same path, dtype and chunk shape (the shapes may differ: a telemetry
@@ -206,7 +235,7 @@ def _base_chunks(base_dir: str | None, arr: _Array) -> list[tuple[str, int] | No
         return none
     try:
         adir = os.path.join(base_dir, *arr.path.split("/"))
-        layout, crcs, _ = parse_array(read_json(os.path.join(adir, "zarr.json"), adir), adir)
+        layout, crcs = _base_manifest(adir)
     except (CheckpointError, OSError):
         return none
     if (layout.dtype, layout.chunk_shape, layout.separator) != (
@@ -351,8 +380,15 @@ def write_metadata(dirpath: str, prepared: Prepared, crcs: dict[str, dict[int, i
     raw = {p: dump_json(d) for p, d in docs.items()}
     meta_crcs = {f"{p}/zarr.json": crc32c_of(b) for p, b in raw.items()}
     raw[""] = root_bytes({**attrs, S.A_METADATA_CRCS: meta_crcs}, consolidated(""))
+    by_path = {a.path: a for a in arrays}
     run_batched(
-        [partial(write_file, os.path.join(dirpath, *p.split("/"), "zarr.json"), [b], durable) for p, b in raw.items()]
+        [
+            partial(_write_array_metadata, path, b, durable, by_path[p].layout, manifests[p])
+            if p in by_path
+            else partial(write_file, path, [b], durable)
+            for p, b in raw.items()
+            for path in [os.path.join(dirpath, *p.split("/"), "zarr.json")]
+        ]
     )
     if durable:
         dirs = sorted(groups | {a.path for a in arrays}, key=lambda p: p.count("/"))
