@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference reader for computable-flows-shim checkpoints, format version 1.
+"""Reference reader for computable-flows-shim checkpoints, format versions 1 and 2.
 
 Written from spec/FORMAT.md alone, with zarr-python doing the Zarr part. It never imports
 computable_flows_shim; it needs zarr-python (and numpy and numcodecs, which come with it)
@@ -13,7 +13,9 @@ section 12 itself: every chunk file must exist (not as a symlink), have the righ
 and carry the CRC32C trailer the manifest ``cfs_chunk_crc32c`` lists. (A file replaced
 between that check and zarr-python's read is not detected: a reader for hostile
 concurrent writers would decode the bytes it checked, as it does here for the extension
-types.)
+types.)  A compressed chunk (version 2, section 8.1: ``zstd`` or ``blosc`` between ``bytes`` and
+``crc32c``) is refused unless its frame header states exactly the chunk's size, before anything
+decompresses it (zarr-python would allocate whatever the header claims).
 
 Usage::
 
@@ -36,7 +38,7 @@ import numpy as np
 import zarr
 
 FORMAT_NAME = "computable-flows-shim.checkpoint"
-MAX_VERSION = 1
+MAX_VERSION = 2
 MAX_METADATA_BYTES = 16 << 20
 CORE_TYPES = {
     n: np.dtype(n)
@@ -77,6 +79,8 @@ EXTENSION_TYPES = [
 ]
 KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 _CRC32C = numcodecs.CRC32C()
+BLOSC_CNAMES = ("blosclz", "lz4", "lz4hc", "zlib", "zstd")
+BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 
 
 class RefusedError(ValueError):
@@ -125,8 +129,43 @@ def is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_array_metadata(meta: dict, where: str) -> tuple[list[int], list[int], str, str, np.dtype | None]:
-    """Section 13, "Array metadata": ``(shape, chunk_shape, separator, data_type, dtype)``."""
+def parse_compressor(entry: object, where: str):
+    """Section 8.1: the ``zstd`` or ``blosc`` codec of a compressed array, as a numcodecs codec."""
+    refuse(isinstance(entry, dict) and isinstance(entry.get("configuration"), dict), f"{where}: bad codec {entry!r}")
+    name, conf = entry["name"], entry["configuration"]
+    if name == "zstd":
+        level, checksum = conf.get("level"), conf.get("checksum", False)
+        refuse(set(conf) <= {"level", "checksum"} and is_int(level) and level <= 22, f"{where}: bad zstd {conf}")
+        refuse(isinstance(checksum, bool), f"{where}: bad zstd {conf}")
+        return numcodecs.Zstd(level=level, checksum=checksum)
+    refuse(set(conf) <= {"cname", "clevel", "shuffle", "typesize", "blocksize"}, f"{where}: bad blosc {conf}")
+    cname, clevel, shuffle, typesize = conf.get("cname"), conf.get("clevel"), conf.get("shuffle"), conf.get("typesize")
+    blocksize = conf.get("blocksize", 0)
+    refuse(cname in BLOSC_CNAMES and shuffle in BLOSC_SHUFFLES, f"{where}: bad blosc {conf}")
+    refuse(is_int(clevel) and 0 <= clevel <= 9 and is_int(typesize) and 1 <= typesize <= 255, f"{where}: bad blosc")
+    refuse(is_int(blocksize) and 0 <= blocksize < 1 << 31, f"{where}: bad blosc {conf}")
+    return numcodecs.Blosc(cname, clevel, BLOSC_SHUFFLES.index(shuffle), blocksize, typesize)
+
+
+def stated_size(codec, body: bytes) -> int | None:
+    """Section 8.1: the decoded size a compressed chunk's header states (None: none stated)."""
+    if isinstance(codec, numcodecs.Blosc):  # 16-byte header: ..., nbytes at 4, cbytes at 12
+        ok = len(body) >= 16 and int.from_bytes(body[12:16], "little") == len(body)
+        return int.from_bytes(body[4:8], "little") if ok else None
+    if len(body) < 6 or body[:4] != b"\x28\xb5\x2f\xfd":  # a zstd frame (RFC 8878, 3.1.1)
+        return None
+    fhd = body[4]
+    single = (fhd >> 5) & 1
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+    n = (single, 2, 4, 8)[fhd >> 6]
+    if n == 0 or len(body) < pos + n:
+        return None
+    return int.from_bytes(body[pos : pos + n], "little") + (256 if n == 2 else 0)
+
+
+def parse_array_metadata(meta: dict, where: str):
+    """Section 13, "Array metadata": ``(shape, chunk_shape, separator, data_type, dtype, compressor)``
+    (``compressor``: a numcodecs codec, or None)."""
     refuse(meta.get("zarr_format") == 3 and meta.get("node_type") == "array", f"{where}: not a Zarr v3 array")
     shape = meta.get("shape")
     refuse(isinstance(shape, list) and all(is_int(n) and n >= 0 for n in shape), f"{where}: bad shape")
@@ -143,20 +182,25 @@ def parse_array_metadata(meta: dict, where: str) -> tuple[list[int], list[int], 
     sep = (cke.get("configuration") or {}).get("separator", "/")
     refuse(cke.get("name") == "default" and sep in (".", "/"), f"{where}: unsupported chunk_key_encoding")
     codecs = meta.get("codecs")
-    names = [c.get("name") for c in codecs] if isinstance(codecs, list) else None
+    ok = isinstance(codecs, list) and all(isinstance(c, dict) for c in codecs)
+    names = [c.get("name") for c in codecs] if ok else None
+    compressor = None
+    if not text and names is not None and len(names) == 3 and names[1] in ("zstd", "blosc"):
+        names = [names[0], names[2]]
+        compressor = parse_compressor(codecs[1], where)  # section 8.1 (format version 2)
     refuse(names == (["vlen-utf8", "crc32c"] if text else ["bytes", "crc32c"]), f"{where}: unsupported codecs")
     if dtype is not None:
         refuse(math.prod(chunk) * dtype.itemsize <= 1 << 32, f"{where}: chunk too large")
         endian = (codecs[0].get("configuration") or {}).get("endian", "little")
         refuse(dtype.itemsize == 1 or endian == "little", f"{where}: not little-endian")
-    return shape, chunk, sep, data_type, dtype
+    return shape, chunk, sep, data_type, dtype, compressor
 
 
 def read_array(root: str, rel: str) -> tuple[np.ndarray, dict]:
     """One array, every chunk checked (section 12); returns ``(values, attributes)``."""
     d = safe_join(root, rel)
     meta = load_json(os.path.join(d, "zarr.json"))
-    shape, chunk, sep, data_type, dtype = parse_array_metadata(meta, d)
+    shape, chunk, sep, data_type, dtype, compressor = parse_array_metadata(meta, d)
     attrs = meta.get("attributes")
     refuse(isinstance(attrs, dict), f"{d}: attributes not an object")
     grid = [math.ceil(n / c) for n, c in zip(shape, chunk)]
@@ -176,20 +220,34 @@ def read_array(root: str, rel: str) -> tuple[np.ndarray, dict]:
             raise RefusedError(f"{where}: cannot open chunk file ({e})") from None
         with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
+            nbytes = 0 if dtype is None else math.prod(chunk) * dtype.itemsize
             if data_type == "string":  # step 2: the size
                 refuse(4 <= size <= 1 << 31, f"{where}: bad text chunk size {size}")
+            elif compressor is not None:  # section 8.1: bounded before it is read
+                refuse(4 < size <= nbytes + nbytes // 128 + 1024 + 4, f"{where}: bad compressed size {size}")
             else:
-                refuse(size == math.prod(chunk) * dtype.itemsize + 4, f"{where}: truncated or padded ({size} B)")
-            if core:  # step 4: the trailer is the manifest's CRC; zarr-python checks step 3
+                refuse(size == nbytes + 4, f"{where}: truncated or padded ({size} B)")
+            if core and compressor is None:  # step 4: the trailer is the manifest's; zarr-python checks step 3
                 f.seek(size - 4)
                 refuse(int.from_bytes(f.read(4), "little") == crc, f"{where}: not the chunk of the manifest")
                 continue
             raw = f.read()
+        if compressor is not None:  # the CRC covers the stored bytes, checked first; then the stated size
+            refuse(int.from_bytes(raw[-4:], "little") == crc, f"{where}: not the chunk of the manifest")
+            try:
+                _CRC32C.decode(raw)
+            except RuntimeError as e:
+                raise RefusedError(f"{where}: {e}") from None
+            refuse(stated_size(compressor, raw[:-4]) == nbytes, f"{where}: does not decode to {nbytes} bytes")
+            if core:
+                continue  # zarr-python decodes it below
         # an extension type: zarr-python cannot decode it, so decode it here (steps 3-5)
         refuse(int.from_bytes(raw[-4:], "little") == crc, f"{where}: not the chunk of the manifest")
         try:
             body = _CRC32C.decode(raw)  # checks the CRC32C trailer
-        except RuntimeError as e:
+            if compressor is not None:  # into exactly the chunk's size (checked above)
+                body = compressor.decode(body, out=np.empty(nbytes, np.uint8))
+        except (RuntimeError, ValueError) as e:
             raise RefusedError(f"{where}: {e}") from None
         block = np.frombuffer(body, dtype=dtype).reshape(chunk)
         region = tuple(slice(j * c, min((j + 1) * c, n)) for j, c, n in zip(coords, chunk, shape))
@@ -197,7 +255,7 @@ def read_array(root: str, rel: str) -> tuple[np.ndarray, dict]:
     if core:
         try:
             out = zarr.open_array(d, mode="r")[...]
-        except ValueError as e:  # zarr-python's CRC32C check
+        except (ValueError, RuntimeError) as e:  # zarr-python's CRC32C check; an undecodable compressed chunk
             raise RefusedError(f"{d}: {e}") from None
         out = np.asarray(out)
         if data_type == "string":

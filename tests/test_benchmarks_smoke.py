@@ -102,6 +102,12 @@ def test_bench_save_restore_smallest(tmp_path):
     assert "cfs durable save" in out and "targets (ratio of speeds" in out
 
 
+def test_bench_compression_smoke(tmp_path):
+    out = run_script("bench_compression.py", ["--smoke"], tmp_path)
+    assert "blosc-lz4" in out and "compressed" in out
+    assert os.listdir(tmp_path) == []  # its work directory is removed
+
+
 def test_bench_flow_overhead_smallest(tmp_path):
     out = run_script(
         "bench_flow_overhead.py",

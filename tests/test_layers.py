@@ -27,6 +27,7 @@ RANK = {
     "errors": 0,
     "_types": 0,
     "_display": 0,
+    "_platform": 0,
     "_format": 1,
     "store": 2,
     "checkpoints": 3,

@@ -4,6 +4,7 @@ Each checkpoint is a plain Zarr v3 group (see spec/FORMAT.md) that zarr-python,
 tensorstore, xarray and dask open without this package.
 """
 
+from computable_flows_shim._format.codecs import Compression
 from computable_flows_shim._format.spec import FORMAT_NAME, FORMAT_VERSION
 from computable_flows_shim._types import CheckpointId, PyTree, RunId, Step
 from computable_flows_shim.analysis._convergence import distance_to, successive_change, telemetry_at_checkpoints
@@ -101,6 +102,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointView",
     "CheckpointWarning",
+    "Compression",
     "CheckpointWriteError",
     "DistributedSaveError",
     "CheckpointTooLargeError",

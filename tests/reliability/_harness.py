@@ -235,20 +235,19 @@ class IOTracer:
         return result
 
     def install(self) -> None:
-        from computable_flows_shim._format import io as _io
-        from computable_flows_shim.store import _local as _store
+        from computable_flows_shim import _platform
 
         for name in WRAPPED:
             real = getattr(os, name)
             self.real[name] = real
             setattr(os, name, self._wrapper(name, real))
-        if _store._renameat2 is not None:
-            real_r = _store._renameat2
+        if _platform._renameat2 is not None:
+            real_r = _platform._renameat2
             self.real["renameat2"] = real_r
-            _store._renameat2 = self._wrapper("renameat2", real_r)
-        if _io._syncfs is not None:
-            self.real["syncfs"] = _io._syncfs
-            _io._syncfs = self._wrapper("syncfs", _io._syncfs)
+            _platform._renameat2 = self._wrapper("renameat2", real_r)
+        if _platform._syncfs is not None:
+            self.real["syncfs"] = _platform._syncfs
+            _platform._syncfs = self._wrapper("syncfs", _platform._syncfs)
         self.active = True
 
     def _wrapper(self, name: str, real):

@@ -50,8 +50,17 @@ def base_state():
         "k": jax.random.key(1),
         "n": NT(np.array([1, 2, 3], np.int16), 2.5),
         "s": "text",
-        "nested": {"y": np.arange(3, dtype=np.int64)},
+        # format v2's codecs, so that the warm-up read loads what decoding them loads
+        "nested": {"y": np.arange(3, dtype=np.int64), "zstd": np.zeros(64, np.float32), "blosc": np.ones(64)},
     }
+
+
+def base_compression(path, array):
+    """``nested/zstd`` and ``nested/blosc`` compressed (even where that saves nothing), the rest not."""
+    from computable_flows_shim import Compression
+
+    name = path.split("/")[-1]
+    return Compression(name, min_saving=0) if path in ("nested/zstd", "nested/blosc") else None
 
 
 def base_history():
@@ -182,6 +191,53 @@ def _(c):  # 1 GiB of zeros in a 1 MiB gzip stream: must be refused before anyth
         "state/x", lambda d: d.update(codecs=[_B, {"name": "gzip", "configuration": {"level": 9}}, {"name": "crc32c"}])
     )
     c.set_chunk("state/x", "c.0.0", body)
+
+
+_ZSTD = {"name": "zstd", "configuration": {"level": 3, "checksum": False}}
+_BLOSC = {
+    "name": "blosc",
+    "configuration": {"typesize": 4, "cname": "zstd", "clevel": 5, "shuffle": "shuffle", "blocksize": 0},
+}
+
+
+def _compressed(codec, body):
+    """state/x (80 bytes of float32) compressed with ``codec``, its chunk replaced by ``body``."""
+
+    def fn(c):
+        c.edit("state/x", lambda d: d.update(codecs=[_B, codec, {"name": "crc32c"}]))
+        c.set_chunk("state/x", "c.0.0", body)
+
+    return fn
+
+
+def _zstd(data, level=19):
+    import numcodecs
+
+    return numcodecs.Zstd(level=level).encode(data)
+
+
+def _blosc(data, nbytes=None):
+    import numcodecs
+
+    out = bytearray(numcodecs.Blosc("zstd", 5, 1, typesize=4).encode(data))
+    if nbytes is not None:  # a header that lies about the decoded size
+        out[4:8] = nbytes.to_bytes(4, "little")
+    return bytes(out)
+
+
+# format v2's codecs on hostile bytes: a bomb is refused by the file's size or its stated size,
+# before anything is decompressed; a header that lies is refused by the decoder
+case("zstd-bomb")(lambda c: _compressed(_ZSTD, _zstd(bytes(1 << 30)))(c))
+case("zstd-bomb-small")(lambda c: _compressed(_ZSTD, _zstd(bytes(4 << 10)))(c))
+case("zstd-short")(lambda c: _compressed(_ZSTD, _zstd(bytes(40)))(c))
+case("zstd-no-content-size")(lambda c: _compressed(_ZSTD, b"\x28\xb5\x2f\xfd\x00\x58" + bytes(60))(c))
+case("zstd-garbage")(lambda c: _compressed(_ZSTD, _zstd(bytes(80))[:6] + bytes(30))(c))
+case("blosc-bomb")(lambda c: _compressed(_BLOSC, _blosc(bytes(16 << 20)))(c))
+case("blosc-lying-header")(lambda c: _compressed(_BLOSC, _blosc(bytes(range(40)), nbytes=80))(c))
+case("blosc-garbage")(lambda c: _compressed(_BLOSC, _blosc(bytes(80))[:16] + bytes(64))(c))
+case("compressed-text")(
+    lambda c: c.edit("telemetry/phase", lambda d: d.update(codecs=[{"name": "vlen-utf8"}, _ZSTD, {"name": "crc32c"}]))
+)
 
 
 def _shape(shape, chunk=None, crcs=None):
@@ -398,7 +454,7 @@ case("prng-impl-module-path")(
 )
 case("prng-wrong-key-shape")(lambda c: c.edit("state/x", lambda d: d["attributes"].update(cfs_prng_key_impl="rbg")))
 case("renamed-by-hand")(lambda c: c.edit("", lambda d: d["attributes"].update(checkpoint_id="other-i000000000001")))
-case("format-version-2")(lambda c: c.edit("", lambda d: d["attributes"].update(format_version=2)))
+case("format-version-3")(lambda c: c.edit("", lambda d: d["attributes"].update(format_version=3)))
 case("format-name")(lambda c: c.edit("", lambda d: d["attributes"].update(format="zarr")))
 
 
@@ -463,7 +519,7 @@ def build_corpus(store: str, outside: str, canary: str) -> list[tuple[str, bool]
     """Write the base checkpoint and every case into ``store``; returns (checkpoint id, must refuse)."""
     from computable_flows_shim import CheckpointManager
 
-    mgr = CheckpointManager(store)
+    mgr = CheckpointManager(store, compression=base_compression)
     mgr.create_checkpoint("base", 1, base_state(), {"op": "x"}, telemetry_history=base_history())
     out = []
     for name, refuse, fn in CASES:

@@ -524,8 +524,7 @@ class Recorder:
         return remove
 
     def __enter__(self) -> Recorder:
-        from computable_flows_shim._format import io as _io
-        from computable_flows_shim.store import _local as _store
+        from computable_flows_shim import _platform
 
         wrappers = {
             "open": self._open,
@@ -543,22 +542,21 @@ class Recorder:
         for name in _WRAPPED:
             self._real[name] = getattr(os, name)
             setattr(os, name, wrappers[name])
-        self._real["renameat2"] = _store._renameat2
-        if _store._renameat2 is not None:
-            _store._renameat2 = self._renameat2
-        self._real["syncfs"] = _io._syncfs
-        if _io._syncfs is not None:
-            _io._syncfs = self._syncfs
+        self._real["renameat2"] = _platform._renameat2
+        if _platform._renameat2 is not None:
+            _platform._renameat2 = self._renameat2
+        self._real["syncfs"] = _platform._syncfs
+        if _platform._syncfs is not None:
+            _platform._syncfs = self._syncfs
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from computable_flows_shim._format import io as _io
-        from computable_flows_shim.store import _local as _store
+        from computable_flows_shim import _platform
 
         for name in _WRAPPED:
             setattr(os, name, self._real[name])
-        _store._renameat2 = self._real["renameat2"]
-        _io._syncfs = self._real["syncfs"]
+        _platform._renameat2 = self._real["renameat2"]
+        _platform._syncfs = self._real["syncfs"]
 
 
 __all__ = ["Recorder", "Model", "crash_states", "materialize", "CrashState"]

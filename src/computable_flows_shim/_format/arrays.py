@@ -1,12 +1,14 @@
 """One Zarr v3 array in a local directory: metadata, chunk layout, chunk bytes.
 
-Every array this package writes uses exactly two codecs, ``bytes`` (little
-endian) then ``crc32c``, or ``vlen-utf8`` then ``crc32c`` for text columns, and
-every chunk file is written, even an all-zero one, so a missing file is damage.
-Chunks of numeric arrays are C-contiguous slabs of the array (shape
-``(1, ..., 1, k, n_{i+1}, ..., n_last)``), so a chunk is one ``writev`` from the
-array's own memory and one ``readinto`` into the restored array: no copy in
-between.  See spec/FORMAT.md, "Arrays".
+Every array this package writes uses the codecs ``bytes`` (little endian) then
+``crc32c``, or ``vlen-utf8`` then ``crc32c`` for text columns, and every chunk file
+is written, even an all-zero one, so a missing file is damage.  Chunks of numeric
+arrays are C-contiguous slabs of the array (shape ``(1, ..., 1, k, n_{i+1}, ...,
+n_last)``), so a chunk is one ``writev`` from the array's own memory and one
+``readinto`` into the restored array: no copy in between.  A compressed array
+(format version 2, ``_format/codecs.py``) has a ``zstd`` or ``blosc`` codec between
+the two, the CRC32C covering the compressed bytes; its chunks are encoded from, and
+decoded into, the same memory.  See spec/FORMAT.md, "Arrays".
 
 Why one module: one stored array end to end, its ``zarr.json``, its chunk encoding with the
 CRC32C trailer, and the chunk-file I/O with every check a reader needs (regular file, size,
@@ -30,7 +32,9 @@ import crc32c as _crc
 import numcodecs
 import numpy as np
 
+from computable_flows_shim import _platform
 from computable_flows_shim._format import spec as S
+from computable_flows_shim._format.codecs import CODECS, ChunkCodec, max_stored_bytes, parse_codec
 from computable_flows_shim._format.dtypes import fill_value_json, from_zarr_name, zarr_name
 from computable_flows_shim.errors import CheckpointCorruptError, CheckpointError, CheckpointFormatError
 
@@ -127,6 +131,7 @@ def open_regular(path: str, where: str, what: str, mirror: Mirror | None = None)
     raise nothing else).  A file of a remote checkpoint's ``mirror`` is fetched on
     first open."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags |= getattr(os, "O_BINARY", 0)  # Windows: never text mode (CRLF translation, Ctrl-Z as end of file)
     try:
         try:
             fd = os.open(path, flags)
@@ -200,12 +205,13 @@ def read_json(path: str, where: str, expected_crc: int | None = None, mirror: Mi
 
 @dataclass
 class Layout:
-    """Shape, dtype and chunk grid of one array, with its chunk keys."""
+    """Shape, dtype and chunk grid of one array, with its chunk keys and its compression codec."""
 
     shape: tuple[int, ...]
     dtype: np.dtype | None  # None for text
     chunk_shape: tuple[int, ...]
     separator: str = S.CHUNK_SEPARATOR
+    codec: ChunkCodec | None = None  # numeric chunks only: between bytes and crc32c (format v2)
     grid: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -242,7 +248,7 @@ def array_metadata(layout: Layout, dimension_names: list[str], attributes: dict)
         bytes_codec: dict = {"name": "bytes"}
         if layout.dtype.itemsize > 1:
             bytes_codec["configuration"] = {"endian": "little"}
-        codecs = [bytes_codec]
+        codecs = [bytes_codec] if layout.codec is None else [bytes_codec, layout.codec.metadata()]
     return {
         "zarr_format": 3,
         "node_type": "array",
@@ -276,6 +282,16 @@ def _slab_span(layout: Layout, region: tuple[slice, ...], itemsize: int) -> tupl
 
 def chunk_buffers(array: np.ndarray, layout: Layout, coords: tuple[int, ...]) -> list:
     """The encoded bytes of one chunk, before the CRC, as a list of buffers."""
+    bufs = raw_chunk_buffers(array, layout, coords)
+    if layout.codec is None:
+        return bufs
+    raw = bufs[0] if len(bufs) == 1 else b"".join(bufs)  # an edge chunk: its data and the padding
+    return [layout.codec.encode(raw)]
+
+
+def raw_chunk_buffers(array: np.ndarray, layout: Layout, coords: tuple[int, ...]) -> list:
+    """The bytes of one chunk before any compression (the ``bytes`` or ``vlen-utf8`` codec's
+    output), as a list of buffers."""
     region = layout.region(coords)
     if layout.dtype is None:  # text: edge chunks padded with "" to the full chunk shape, as Zarr requires
         full_text = np.full(layout.chunk_shape, "", dtype=object)
@@ -296,11 +312,12 @@ def chunk_buffers(array: np.ndarray, layout: Layout, coords: tuple[int, ...]) ->
 
 def write_file(path: str, bufs: list, durable: bool) -> None:
     """Create ``path`` (never replacing), write all of ``bufs``, fsync if durable."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, 0o644)
     try:
         views = [memoryview(b).cast("B") for b in bufs if len(memoryview(b).cast("B"))]
         while views:
-            n = os.writev(fd, views)
+            n = _platform.writev(fd, views)  # os.writev; one os.write where there is none (Windows)
             if n == 0:
                 raise OSError(errno.EIO, "short write", path)
             while views and n >= len(views[0]):
@@ -310,7 +327,7 @@ def write_file(path: str, bufs: list, durable: bool) -> None:
                 views[0] = views[0][n:]
         if durable:
             # fdatasync: the data and the size, without the timestamps nobody needs
-            os.fdatasync(fd)
+            _platform.sync_data(fd)  # os.fdatasync on Linux; F_FULLFSYNC on macOS
     finally:
         os.close(fd)
 
@@ -349,7 +366,8 @@ def _link_if_same(base: str, bufs: list, path: str, durable: bool) -> bool:
     power cut (a clean file's fdatasync costs about 50 us here).  A failed sync raises, like any
     failed fsync (never retried)."""
     try:
-        fd = os.open(base, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(base, flags)
     except OSError:
         return False
     with os.fdopen(fd, "rb", buffering=0) as f:
@@ -359,7 +377,7 @@ def _link_if_same(base: str, bufs: list, path: str, durable: bool) -> bool:
         except OSError:
             return False
         if durable:
-            os.fdatasync(f.fileno())
+            _platform.sync_data(f.fileno())
     try:
         os.link(base, path, follow_symlinks=False)
     except OSError:
@@ -434,8 +452,14 @@ def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
         else None
     )
     expected = ["vlen-utf8", "crc32c"] if dtype is None else ["bytes", "crc32c"]
-    if names != expected:
-        raise CheckpointFormatError(f"{where}: unsupported codecs {codecs!r} (format v1 reads {expected})")
+    codec = None
+    if dtype is not None and names is not None and len(names) == 3 and names[::2] == expected and names[1] in CODECS:
+        codec = parse_codec(codecs[1], where)  # type: ignore[index]  # format v2: compressed
+    elif names != expected:
+        raise CheckpointFormatError(
+            f"{where}: unsupported codecs {codecs!r} (format v2 reads {expected}, or for a numeric array "
+            "a zstd or blosc codec between them)"
+        )
     if dtype is not None:
         conf = codecs[0].get("configuration") or {}  # type: ignore[index]
         endian = conf.get("endian", "little") if isinstance(conf, dict) else None
@@ -444,7 +468,7 @@ def parse_array(meta: dict, where: str) -> tuple[Layout, list[int], dict]:
     attrs = meta.get("attributes", {})
     if not isinstance(attrs, dict):
         raise CheckpointFormatError(f"{where}: attributes is not an object")
-    layout = Layout(tuple(shape), dtype, tuple(chunk), sep)
+    layout = Layout(tuple(shape), dtype, tuple(chunk), sep, codec)
     crcs = attrs.get(S.AA_CRC32C)
     if (
         not isinstance(crcs, list)
@@ -498,7 +522,14 @@ def _read_small(f, size: int, where: str) -> bytes:
     return raw
 
 
-def _check_chunk_size(size: int, chunk_bytes: int, cwhere: str) -> None:
+def _check_chunk_size(size: int, chunk_bytes: int, cwhere: str, codec: ChunkCodec | None = None) -> None:
+    if codec is not None:  # compressed: any size up to the codec's worst case (bounded before reading)
+        if not S.CRC_BYTES < size <= max_stored_bytes(chunk_bytes) + S.CRC_BYTES:
+            raise CheckpointCorruptError(
+                f"{cwhere}: compressed chunk file has {size} bytes, expected {S.CRC_BYTES + 1} to "
+                f"{max_stored_bytes(chunk_bytes) + S.CRC_BYTES}"
+            )
+        return
     if size != chunk_bytes + S.CRC_BYTES:
         raise CheckpointCorruptError(
             f"{cwhere}: chunk file has {size} bytes, expected {chunk_bytes + S.CRC_BYTES} (truncated or padded)"
@@ -536,10 +567,15 @@ def read_chunk(
             except (ValueError, RuntimeError, TypeError) as e:
                 raise CheckpointCorruptError(f"{cwhere}: undecodable text chunk ({e})") from None
         chunk_bytes = math.prod(layout.chunk_shape) * layout.dtype.itemsize
-        _check_chunk_size(size, chunk_bytes, cwhere)
+        _check_chunk_size(size, chunk_bytes, cwhere, layout.codec)
         raw = _read_small(f, size, cwhere)
-    view = memoryview(raw)[:chunk_bytes]
-    _check_crc(_crc.crc32c(view), raw[chunk_bytes:], expected_crc, cwhere)
+    view = memoryview(raw)[: size - S.CRC_BYTES]
+    _check_crc(_crc.crc32c(view), raw[size - S.CRC_BYTES :], expected_crc, cwhere)
+    if layout.codec is not None:  # the CRC covers the stored bytes: checked before decompressing
+        layout.codec.check(view, chunk_bytes, cwhere)
+        data = np.empty(chunk_bytes, np.uint8)
+        layout.codec.decode_into(view, data.data, cwhere)
+        view = data.data
     return np.frombuffer(view, dtype=layout.dtype).reshape(layout.chunk_shape)[valid]
 
 
@@ -561,6 +597,9 @@ def read_chunk_into(
     cwhere = f"{where}, chunk {layout.key(coords)!r}"
     itemsize = layout.dtype.itemsize
     chunk_bytes = math.prod(layout.chunk_shape) * itemsize
+    if layout.codec is not None:
+        _read_compressed_into(out, layout, coords, dirpath, expected_crc, cwhere, mirror)
+        return
     f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere, mirror)
     with f:
         _check_chunk_size(size, chunk_bytes, cwhere)
@@ -575,3 +614,34 @@ def read_chunk_into(
         raise CheckpointCorruptError(f"{cwhere}: chunk file changed while reading")
     crc = _crc.crc32c(rest[: -S.CRC_BYTES], _crc.crc32c(dst))
     _check_crc(crc, rest[-S.CRC_BYTES :], expected_crc, cwhere)
+
+
+def _read_compressed_into(
+    out: np.ndarray,
+    layout: Layout,
+    coords: tuple[int, ...],
+    dirpath: str,
+    expected_crc: int,
+    cwhere: str,
+    mirror: Mirror | None,
+) -> None:
+    """A compressed slab chunk: its stored bytes read and checked (size bound, CRC, manifest),
+    then decompressed straight into ``out``'s memory (an edge chunk through a scratch buffer:
+    only its valid part belongs to ``out``)."""
+    assert layout.dtype is not None and layout.codec is not None
+    chunk_bytes = math.prod(layout.chunk_shape) * layout.dtype.itemsize
+    f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere, mirror)
+    with f:
+        _check_chunk_size(size, chunk_bytes, cwhere, layout.codec)
+        raw = _read_small(f, size, cwhere)
+    body = memoryview(raw)[: size - S.CRC_BYTES]
+    _check_crc(_crc.crc32c(body), raw[size - S.CRC_BYTES :], expected_crc, cwhere)
+    layout.codec.check(body, chunk_bytes, cwhere)
+    start, n = _slab_span(layout, layout.region(coords), layout.dtype.itemsize)
+    dst = out.reshape(-1).view(np.uint8)[start : start + n].data
+    if n == chunk_bytes:
+        layout.codec.decode_into(body, dst, cwhere)
+        return
+    tmp = _scratch(chunk_bytes)
+    layout.codec.decode_into(body, tmp, cwhere)
+    dst[:] = tmp[:n]

@@ -1,16 +1,16 @@
 """The format layer's I/O plumbing: the thread pools that read and write chunk files, and
 the file-system syncs (one implementation of each, used by the writer, the reader and the
-stores)."""
+stores; what each sync is on this platform is chosen in ``_platform``)."""
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
+
+from computable_flows_shim._platform import HAVE_SYNCFS, sync_data, sync_dir, syncfs
 
 POOL = ThreadPoolExecutor(max_workers=max(4, 2 * (os.cpu_count() or 1)), thread_name_prefix="cfs-io")
 REMOTE_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="cfs-fetch")
@@ -55,52 +55,17 @@ def run_batched(tasks: list[Callable[[], Any]], weights: list[int] | None = None
     return [r for batch in results for r in batch]
 
 
-_syncfs: Any
-try:
-    _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-    _syncfs.argtypes = [ctypes.c_int]
-except (OSError, AttributeError):  # not Linux
-    _syncfs = None
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    try:
-        got = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
-    except (AttributeError, ValueError):
-        return False
-    return got >= (major, minor)
-
-
-HAVE_SYNCFS = _syncfs is not None and _kernel_at_least(5, 8)
-"""One ``syncfs`` may replace per-file syncs: Linux, from 5.8 on (before, ``syncfs`` did not
-report writeback errors, so a failed write could go unnoticed)."""
-
-
-def syncfs(fd: int) -> None:
-    """Make everything written to the file system holding the open ``fd`` durable: file data,
-    sizes and directory entries (Linux ``syncfs(2)``; since Linux 5.8 it reports a writeback
-    error on that file system since ``fd`` was opened)."""
-    if _syncfs is None:
-        raise OSError(errno.ENOSYS, "syncfs is not available on this platform")
-    if _syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 def fsync_dir(path: str) -> None:
-    """Make a directory's entries durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make a directory's entries durable, where the platform can (``_platform.sync_dir``:
+    ``fsync``, ``F_FULLFSYNC`` on macOS, nothing on Windows)."""
+    sync_dir(path)
 
 
 def sync_file(path: str) -> None:
-    """Make an existing file's data durable (fdatasync through a read-only descriptor)."""
+    """Make an existing file's data durable (``_platform.sync_data`` through a read-only descriptor)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        os.fdatasync(fd)
+        sync_data(fd)
     finally:
         os.close(fd)
 

@@ -1,5 +1,5 @@
-"""The on-disk names of format v1.  spec/FORMAT.md documents every name here;
-nothing else in the package spells an on-disk name."""
+"""The on-disk names of the format (versions 1 and 2).  spec/FORMAT.md documents every
+name here; nothing else in the package spells an on-disk name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import re
 from computable_flows_shim.errors import InvalidIterationError, InvalidRunIdError, InvalidTagError
 
 FORMAT_NAME = "computable-flows-shim.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format version this package reads and writes."""
+FORMAT_VERSION_UNCOMPRESSED = 1
+"""What a checkpoint without a compressed array is written as: byte for byte what version 1
+writers wrote, so that readers of version 1 keep reading it."""
+FORMAT_VERSION_COMPRESSED = 2
+"""What a checkpoint with a compressed array (a ``zstd`` or ``blosc`` codec, spec/FORMAT.md
+section 8.1) is written as: a version 1 reader refuses it by its version, not halfway through."""
 
 # Group attributes of a checkpoint (spec/FORMAT.md, "Checkpoint attributes").
 A_FORMAT = "format"
@@ -44,8 +51,9 @@ T_EVENT_ITER = "event_iter"
 T_EVENT_TYPE = "event_type"
 T_EVENT_PAYLOAD = "event_payload"
 
-# Chunk encoding: every chunk is the C-order little-endian bytes of the chunk
-# followed by a 4-byte little-endian CRC32C (the Zarr v3 "crc32c" codec).
+# Chunk encoding: every chunk is the C-order little-endian bytes of the chunk (compressed by a
+# "zstd" or "blosc" codec in format v2: _format/codecs.py) followed by a 4-byte little-endian
+# CRC32C of those stored bytes (the Zarr v3 "crc32c" codec).
 CHUNK_SEPARATOR = "."
 CRC_BYTES = 4
 

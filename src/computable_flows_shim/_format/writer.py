@@ -3,7 +3,15 @@
 ``zarr.json`` with the checkpoint attributes, ``state/`` with one array per pytree leaf and
 ``telemetry/`` with the columns and the events log, every file and directory fsynced when
 ``durable``; chunks identical to the run's previous checkpoint are hard-linked; ``link_group``
-fills a rollback.  Committing (rename into place) is the store's job, not this module's."""
+fills a rollback.  Committing (rename into place) is the store's job, not this module's.
+A state array with a :class:`~computable_flows_shim._format.codecs.Compression` is compressed,
+unless its first chunk does not shrink (spec/FORMAT.md 8.1); a checkpoint with a compressed
+array is format version 2.
+
+Why one module: every step of one save (the arrays prepared from the state, each array's
+codec decided on its first chunk, the chunks written or linked against the run's previous
+checkpoint, the manifests and metadata written last) passes the same ``_Array`` records
+along; split, each part would import the others' internals."""
 
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from computable_flows_shim._format.arrays import (
     chunk_buffers,
     group_metadata,
     parse_array,
+    raw_chunk_buffers,
     read_json,
     read_json_raw,
     slab_chunk_shape,
@@ -35,6 +44,7 @@ from computable_flows_shim._format.arrays import (
     write_chunk,
     write_file,
 )
+from computable_flows_shim._format.codecs import Compression, LeafPolicy
 from computable_flows_shim._format.dtypes import EXTENSION_NAMES
 from computable_flows_shim._format.io import HAVE_SYNCFS, fsync_dir, run_all, run_batched, sync_file, syncfs
 from computable_flows_shim._format.root import crc32c_of, dump_json, root_bytes
@@ -130,9 +140,10 @@ class _Array:
     layout: Layout
     dims: list[str]
     attrs: dict
+    compression: Compression | None = None  # asked for; ``layout.codec`` is what is written
 
 
-def _state_arrays(leaves: list[Leaf]) -> list[_Array]:
+def _state_arrays(leaves: list[Leaf], compression: LeafPolicy | None = None) -> list[_Array]:
     out = []
     for leaf in leaves:
         attrs = {S.AA_KEY_IMPL: leaf.key_impl} if leaf.key_impl else {}
@@ -144,7 +155,14 @@ def _state_arrays(leaves: list[Leaf]) -> list[_Array]:
             a = np.require(leaf.array, requirements="C")
             layout = Layout(a.shape, a.dtype, slab_chunk_shape(a.shape, a.itemsize))
         out.append(
-            _Array(f"{S.STATE_GROUP}/{leaf.path}", a, layout, [f"{leaf.path}.d{i}" for i in range(len(a.shape))], attrs)
+            _Array(
+                f"{S.STATE_GROUP}/{leaf.path}",
+                a,
+                layout,
+                [f"{leaf.path}.d{i}" for i in range(len(a.shape))],
+                attrs,
+                compression(leaf.path, leaf.array) if compression is not None else None,
+            )
         )
     return out
 
@@ -169,11 +187,20 @@ class Prepared:
     arrays: list[_Array]
 
     @classmethod
-    def of(cls, attrs: dict, state: PyTree, telemetry_history: Any, copy: bool = False) -> Prepared:
+    def of(
+        cls,
+        attrs: dict,
+        state: PyTree,
+        telemetry_history: Any,
+        copy: bool = False,
+        compression: LeafPolicy | None = None,
+    ) -> Prepared:
+        """``compression``: each state leaf's :class:`Compression` (or None) from its path and
+        array (``codecs.compression_policy``); telemetry is never compressed."""
         tree, leaves = flatten(state)
         cols, events = T.normalize(telemetry_history)
         attrs = {**attrs, S.A_TELEMETRY_SUMMARY: T.summarize(cols, events, attrs[S.A_ITERATION]), S.A_TREE: tree}
-        arrays = _state_arrays(leaves) + _telemetry_arrays(cols, events)
+        arrays = _state_arrays(leaves, compression) + _telemetry_arrays(cols, events)
         if copy:  # the snapshot of an async save: numpy copies release the GIL, so copy in parallel
             plain = [a for a in arrays if not isinstance(a.data, ShardedData)]
             sizes = [a.data.nbytes for a in plain]
@@ -238,10 +265,11 @@ def _base_chunks(base_dir: str | None, arr: _Array) -> list[tuple[str, int] | No
         layout, crcs = _base_manifest(adir)
     except (CheckpointError, OSError):
         return none
-    if (layout.dtype, layout.chunk_shape, layout.separator) != (
+    if (layout.dtype, layout.chunk_shape, layout.separator, layout.codec) != (
         arr.layout.dtype,
         arr.layout.chunk_shape,
         arr.layout.separator,
+        arr.layout.codec,
     ):
         return none
     base = {c: (os.path.join(adir, layout.key(c)), crc) for c, crc in zip(layout.coords(), crcs)}
@@ -265,18 +293,21 @@ def make_dirs(dirpath: str, prepared: Prepared) -> None:
 
 
 def _write_block(
-    arr: _Array, index: tuple[slice, ...], data: Any, adir: str, durable: bool, bases: dict
+    arr: _Array, index: tuple[slice, ...], data: Any, adir: str, durable: bool, bases: dict, skip: Any = None
 ) -> list[tuple[tuple[int, ...], int, int]]:
     """Write the chunks of one shard block from that shard alone, copied to host here;
     returns ``(coords, crc32c, bytes written)`` per chunk.  Chunks nest in blocks, so the
-    block is an array of its own with the same chunk shape, offset in the chunk grid."""
+    block is an array of its own with the same chunk shape, offset in the chunk grid.
+    ``skip``: the coordinates of a chunk already written (:func:`_decide_codec`)."""
     host = np.require(np.asarray(data), requirements="C")  # this shard only, never the global array
     layout = arr.layout
-    block = Layout(host.shape, layout.dtype, layout.chunk_shape, layout.separator)
+    block = Layout(host.shape, layout.dtype, layout.chunk_shape, layout.separator, layout.codec)
     offset = [s.start // c for s, c in zip(index, layout.chunk_shape)]
     out = []
     for local in block.coords():
         coords = tuple(o + c for o, c in zip(offset, local))
+        if coords == skip:
+            continue
         path = os.path.join(adir, layout.key(coords))
         crc, n = store_chunk(chunk_buffers(host, block, local), path, durable, bases.get(coords))
         out.append((coords, crc, n))
@@ -287,6 +318,58 @@ def _write_one(
     data: np.ndarray, layout: Layout, coords: tuple[int, ...], adir: str, durable: bool, base: tuple[str, int] | None
 ) -> list[tuple[tuple[int, ...], int, int]]:
     return [(coords, *write_chunk(data, layout, coords, adir, durable, base))]
+
+
+def _origin_block(data: ShardedData) -> Any:
+    """The data of the block holding the array's first chunk, if this process writes it."""
+    for index, block in data.blocks:
+        if all(s.start == 0 for s in index):
+            return block
+    return None
+
+
+def _sampled(arr: _Array) -> bool:
+    """Whether the array's codec is decided on its first chunk (the switch-off rule): it asks
+    for compression with a ``min_saving``, has a chunk, and is not spread over several processes
+    (their chunks must share one codec, so such an array is compressed as asked)."""
+    c = arr.compression
+    if c is None or c.min_saving == 0 or arr.layout.nchunks == 0:
+        return False
+    if isinstance(arr.data, ShardedData):
+        return not arr.data.is_global and _origin_block(arr.data) is not None
+    return True
+
+
+def _decide_codec(
+    arr: _Array, adir: str, durable: bool, base_dir: str | None
+) -> tuple[list[tuple[tuple[int, ...], int, int]], list[tuple[str, int] | None]]:
+    """The switch-off rule (spec/FORMAT.md 8.1): compress the array's first chunk; if it does
+    not shrink by the ``min_saving`` asked for, the array is written uncompressed.  Sets
+    ``arr.layout.codec``, writes that chunk with it, and returns it as :func:`_write_one`
+    does, with the array's base chunks (which depend on the codec)."""
+    assert arr.compression is not None and arr.layout.dtype is not None
+    origin = (0,) * len(arr.layout.shape)
+    if isinstance(arr.data, ShardedData):
+        host = np.require(np.asarray(_origin_block(arr.data)), requirements="C")
+        layout = Layout(host.shape, arr.layout.dtype, arr.layout.chunk_shape, arr.layout.separator)
+    else:
+        host, layout = arr.data, arr.layout
+    raw = raw_chunk_buffers(host, layout, origin)
+    joined = raw[0] if len(raw) == 1 else b"".join(raw)
+    codec = arr.compression.chunk_codec(arr.layout.dtype.itemsize)
+    encoded = codec.encode(joined)
+    keep = arr.compression.keeps(len(encoded), memoryview(joined).nbytes)
+    arr.layout.codec = codec if keep else None
+    bases = _base_chunks(base_dir, arr)
+    path = os.path.join(adir, arr.layout.key(origin))
+    crc, n = store_chunk([encoded] if keep else raw, path, durable, bases[0])
+    return [(origin, crc, n)], bases
+
+
+def _fix_codec(arr: _Array) -> None:
+    """The codec of an array whose codec is not decided on a chunk (:func:`_sampled`)."""
+    c, lay = arr.compression, arr.layout
+    lay.codec = c.chunk_codec(lay.dtype.itemsize) if c is not None and lay.dtype is not None and lay.nchunks else None
 
 
 def _chunk_weight(arr: _Array) -> int:
@@ -306,27 +389,42 @@ def write_chunks(
     holds (``global_only``: only the blocks of global arrays, those spanning processes, for the
     non-zero processes of a multi-process save: process 0 writes everything else).
     Returns the CRC32C of each written chunk, by array path and C-order chunk index."""
+    mine = [a for a in prepared.arrays if not global_only or (isinstance(a.data, ShardedData) and a.data.is_global)]
+    adirs = {a.path: os.path.join(dirpath, *a.path.split("/")) for a in mine}
+    # first the compressed arrays' codecs, each decided on (and written with) its first chunk
+    sampled = [a for a in mine if _sampled(a)]
+    firsts = run_batched(
+        [partial(_decide_codec, a, adirs[a.path], durable, base_dir) for a in sampled],
+        [_chunk_weight(a) for a in sampled],
+    )
+    decided = {a.path: first for a, first in zip(sampled, firsts)}
     tasks: list[Callable[[], Any]] = []
     weights: list[int] = []
-    owners: list[_Array] = []
-    for arr in prepared.arrays:
-        if global_only and not (isinstance(arr.data, ShardedData) and arr.data.is_global):
-            continue
-        adir = os.path.join(dirpath, *arr.path.split("/"))
-        bases = _base_chunks(base_dir, arr)
+    owners: list[_Array] = list(sampled)
+    done = [written for written, _ in firsts]
+    for arr in mine:
+        adir = adirs[arr.path]
+        skip = None
+        if arr.path in decided:
+            written, bases = decided[arr.path]
+            skip = written[0][0]
+        else:
+            _fix_codec(arr)
+            bases = _base_chunks(base_dir, arr)
         size = _chunk_weight(arr)
         if isinstance(arr.data, ShardedData):
             by_coords = dict(zip(arr.layout.coords(), bases))
             for index, data in arr.data.blocks:
-                tasks.append(partial(_write_block, arr, index, data, adir, durable, by_coords))
+                tasks.append(partial(_write_block, arr, index, data, adir, durable, by_coords, skip))
                 weights.append(math.prod(s.stop - s.start for s in index) * arr.data.itemsize)
                 owners.append(arr)
             continue
         for coords, base in zip(arr.layout.coords(), bases):
-            tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base))
-            weights.append(size)
-            owners.append(arr)
-    results = run_batched(tasks, weights)
+            if coords != skip:
+                tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base))
+                weights.append(size)
+                owners.append(arr)
+    results = done + run_batched(tasks, weights)
     stats = WriteStats()
     crcs: dict[str, dict[int, int]] = {a.path: {} for a in owners}
     for arr, written in zip(owners, results):
@@ -374,6 +472,8 @@ def write_metadata(dirpath: str, prepared: Prepared, crcs: dict[str, dict[int, i
         # ...and only when parents come before their children
         return dict(sorted(inner.items(), key=lambda kv: (kv[0].count("/"), kv[0])))
 
+    if any(a.layout.codec is not None for a in arrays):  # readable only by readers of the codecs
+        attrs = {**attrs, S.A_FORMAT_VERSION: max(attrs[S.A_FORMAT_VERSION], S.FORMAT_VERSION_COMPRESSED)}
     docs: dict[str, dict] = {p: m for p, m in metas.items()}
     for g in groups - {""}:
         docs[g] = group_metadata({}, consolidated(g) if g in (S.STATE_GROUP, S.TELEMETRY_GROUP) else None)
@@ -460,11 +560,7 @@ def _link_files(src: str, dirpath: str, attrs: dict, durable: bool) -> None:
             except OSError:
                 shutil.copyfile(s, d, follow_symlinks=False)  # another file system, or too many links
                 if durable:
-                    fd = os.open(d, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    sync_file(d)
     if S.A_METADATA_CRCS not in attrs:
         attrs = {**attrs, S.A_METADATA_CRCS: crcs}
     # the other metadata files are the source's, so its checksums of them still hold

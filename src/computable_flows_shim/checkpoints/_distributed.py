@@ -51,6 +51,7 @@ import jax
 import numpy as np
 
 from computable_flows_shim._format import writer as _writer
+from computable_flows_shim._format.codecs import LeafPolicy
 from computable_flows_shim.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -149,10 +150,13 @@ def save(
     *,
     durable: bool,
     base_dir: str | None,
+    compression: LeafPolicy | None = None,
 ) -> _writer.WriteStats:
     """One multi-process save; every process calls it with the same arguments.  ``durable``:
     fsync what is written into the staging area; ``base_dir``: the run's previous checkpoint
-    (incremental saves).  Returns what was written, all processes counted on process 0."""
+    (incremental saves); ``compression``: each leaf's compression (an array spread over several
+    processes is compressed as asked, without the switch-off rule: all its chunks share one
+    codec).  Returns what was written, all processes counted on process 0."""
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"distributed_timeout must be a positive number of seconds, got {timeout!r}")
     if type(store).join_staging is Store.join_staging:
@@ -167,6 +171,7 @@ def save(
         timeout,
         durable,
         base_dir,
+        compression,
     )
     if pid != 0:
         return _save_part(job, pid, attrs, state, telemetry_history)
@@ -188,6 +193,7 @@ class _Job:
     timeout: float
     durable: bool
     base_dir: str | None
+    compression: LeafPolicy | None = None
 
 
 def _save_part(job: _Job, pid: int, attrs: dict, state: Any, telemetry_history: Any) -> _writer.WriteStats:
@@ -197,7 +203,7 @@ def _save_part(job: _Job, pid: int, attrs: dict, state: Any, telemetry_history: 
     own_error: BaseException | None = None
     stats = _writer.WriteStats()
     try:
-        prepared = _writer.Prepared.of(attrs, state, telemetry_history)
+        prepared = _writer.Prepared.of(attrs, state, telemetry_history, compression=job.compression)
         ref = _get(client, f"{prefix}/staging", job.timeout, what)
         if ref.startswith("!"):
             raise DistributedSaveError(f"{what}: process 0 failed before writing: {ref[1:]}")
@@ -264,7 +270,7 @@ def _save_and_commit(job: _Job, nproc: int, attrs: dict, state: Any, telemetry_h
             if store.exists(cid):
                 raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {store}")
             tmp, commit = staging.enter_context(store.staging(cid, job.durable))
-            prepared = _writer.Prepared.of(attrs, state, telemetry_history)
+            prepared = _writer.Prepared.of(attrs, state, telemetry_history, compression=job.compression)
             _writer.make_dirs(tmp, prepared)
             ref = store.staging_ref(tmp)
             client.key_value_set(f"{prefix}/staging", ref)

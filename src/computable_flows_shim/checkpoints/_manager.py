@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import enum
 import os
 import sys
 import warnings
@@ -25,6 +26,7 @@ from computable_flows_shim._format import root as _root
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format import writer as _writer
 from computable_flows_shim._format.arrays import Mirror
+from computable_flows_shim._format.codecs import CompressionOption, compression_policy
 from computable_flows_shim._format.jsonattrs import to_json
 from computable_flows_shim._types import CheckpointId, PyTree, RunId, Step
 from computable_flows_shim.checkpoints import _distributed, _lineage, _retention
@@ -67,12 +69,25 @@ def _mapping(value: Any, name: str) -> Any:
     return value
 
 
+class _Unset(enum.Enum):
+    """``create_checkpoint(compression=...)`` not given: the manager's."""
+
+    MANAGER = "the manager's"
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class CheckpointManager:
     """Create, list, load, roll back and clean up checkpoints in one store.
+
+    ``compression`` (default None: uncompressed, format version 1): how state arrays are
+    compressed, ``"zstd"``, ``"blosc"``, a :class:`Compression`, a dict of its fields, or a
+    per-leaf policy ``(path, array) -> one of those or None`` (``path``: the leaf's array path
+    under ``state/``, as ``LeafInfo.path`` shows it).  An array whose first chunk does not
+    shrink by ``Compression.min_saving`` (10 %) is written uncompressed; a checkpoint with a
+    compressed array is format version 2 (README, "Compression").
 
     Example::
 
@@ -86,8 +101,14 @@ class CheckpointManager:
     """
 
     def __init__(
-        self, root: str | os.PathLike | Store, *, durable: bool = True, retention: RetentionPolicy | None = None
+        self,
+        root: str | os.PathLike | Store,
+        *,
+        durable: bool = True,
+        retention: RetentionPolicy | None = None,
+        compression: CompressionOption = None,
     ) -> None:
+        policy = compression_policy(compression)  # a bad value fails here, before the store is touched
         self.store: Store
         if isinstance(root, Store):
             self.store = root
@@ -96,6 +117,9 @@ class CheckpointManager:
         else:
             self.store = LocalDirectoryStore(root)
         self.durable = durable
+        self.compression = compression
+        """Default ``compression`` of :meth:`create_checkpoint` (see the class docstring)."""
+        self._compression = policy
         self.retention = retention
         """Default policy of :meth:`apply_retention`, applied to a run after each of its saves."""
         self.store.cleanup_stale()
@@ -155,6 +179,7 @@ class CheckpointManager:
         *,
         blocking: bool = True,
         distributed_timeout: float = _distributed.DEFAULT_TIMEOUT,
+        compression: CompressionOption | _Unset = _Unset.MANAGER,
     ) -> CheckpointId:
         """Save ``state`` (any pytree) and its context as a new, committed checkpoint.
 
@@ -179,8 +204,18 @@ class CheckpointManager:
         "Multi-process saves").  ``distributed_timeout`` bounds, in seconds, each wait for
         the other processes; past it, or when one fails, nothing is committed and the
         others raise DistributedSaveError.
+
+        ``compression`` overrides the manager's for this save (``None``: uncompressed); see
+        :class:`CheckpointManager`.  A bad value raises ValueError before anything is written.
+
+        Example::
+
+            >>> mgr.create_checkpoint("run-a", 200, state, compression="zstd")
+            >>> mgr.create_checkpoint("run-a", 300, state,
+            ...     compression=lambda path, a: "blosc" if path.startswith("opt/") else None)
         """
         self.wait_until_finished()
+        policy = self._compression if compression is _Unset.MANAGER else compression_policy(compression)
         cid = S.make_checkpoint_id(run_id, iteration)
         attrs = self._base_attrs(cid, run_id, iteration, flow_config, certificates, metadata, lineage={})
         # a multi-process save: every process writes its shards, process 0 commits
@@ -194,12 +229,13 @@ class CheckpointManager:
                 distributed_timeout,
                 durable=self._fsync_staging,
                 base_dir=self._base_dir(run_id),
+                compression=policy,
             )
             self._saved(run_id, cid, stats, apply_retention=_distributed.is_primary())
             return cid
         if self.store.exists(cid):
             raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {self.store}")
-        prepared = _writer.Prepared.of(attrs, state, telemetry_history, copy=not blocking)
+        prepared = _writer.Prepared.of(attrs, state, telemetry_history, copy=not blocking, compression=policy)
         job = partial(self._save, run_id, cid, prepared, self._base_dir(run_id))
         if blocking:
             job()
@@ -241,7 +277,7 @@ class CheckpointManager:
     ) -> dict:
         return {
             S.A_FORMAT: S.FORMAT_NAME,
-            S.A_FORMAT_VERSION: S.FORMAT_VERSION,
+            S.A_FORMAT_VERSION: S.FORMAT_VERSION_UNCOMPRESSED,  # the writer bumps it if it compresses
             S.A_CHECKPOINT_ID: cid,
             S.A_RUN_ID: run_id,
             S.A_ITERATION: int(iteration),

@@ -1,70 +1,37 @@
 """The local directory backend of the store contract (``_base.Store``).
 
 Commit protocol (spec/FORMAT.md, "Store layout and commit protocol"): a save
-writes into ``.cfs-staging/<token>/`` on the same file system while holding an
-``flock`` on ``.cfs-staging/<token>.lock``; every file and directory is fsynced;
-the directory is renamed to ``<checkpoint_id>`` with ``RENAME_NOREPLACE`` (never
-replacing a committed checkpoint); then the store directory is fsynced.  A
-staging directory whose lock nobody holds belongs to a dead writer and is the
-only thing stale-cleanup removes; a cleaner removes a lock file only while
-holding its lock, and a writer checks before it locks and before it commits
-that the lock it holds is still the file on disk.
+writes into ``.cfs-staging/<token>/`` on the same file system while holding the
+lock file ``.cfs-staging/<token>.lock``; every file and directory is synced; the
+directory is renamed to ``<checkpoint_id>`` without replacing a committed
+checkpoint; then the store directory is synced.  A staging directory whose lock
+nobody holds belongs to a dead writer and is the only thing stale-cleanup
+removes; a cleaner removes a lock file only while holding its lock, and a writer
+checks before it locks and before it commits that the lock it holds is still the
+file on disk.  What holds a lock, syncs and renames without replacing on this
+platform is ``_platform``'s choice (``flock``, ``fdatasync``, ``renameat2`` on
+Linux; spec section 3.4 for the others).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import os
 import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
+from computable_flows_shim import _platform
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format.io import fsync_dir
 from computable_flows_shim.errors import CheckpointExistsError, CheckpointWriteError
 from computable_flows_shim.store._base import Store
 from computable_flows_shim.store._tags import TagIndex
 
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
-_renameat2: Any
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _renameat2 = _libc.renameat2
-    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-except (OSError, AttributeError):  # not glibc / not Linux
-    _renameat2 = None
-
-
-def rename_noreplace(src: str, dst: str) -> None:
-    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists (atomically where
-    the kernel offers RENAME_NOREPLACE, else via rename(2), which refuses to
-    replace a non-empty directory, and a committed checkpoint is never empty)."""
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(err, os.strerror(err), dst)
-        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), src)
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-    try:
-        os.rename(src, dst)
-    except OSError as e:
-        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(e.errno, e.strerror, dst) from None
-        raise
-
 
 class LocalDirectoryStore(Store):
-    """Checkpoints as directories under ``root`` on a local (POSIX) file system."""
+    """Checkpoints as directories under ``root`` on a local file system (Linux, macOS, Windows)."""
 
     supports_rename = True
     supports_links = True
@@ -97,8 +64,7 @@ class LocalDirectoryStore(Store):
         while True:
             token = f"{name}.{os.getpid()}.{secrets.token_hex(6)}"
             lock = os.path.join(self._staging_root, token + ".lock")
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = _platform.create_lock(lock)
             if _is_file_of(lock, fd):
                 return token, fd
             os.close(fd)  # a cleaner removed the file between create and lock: start again, under a new token
@@ -119,7 +85,7 @@ class LocalDirectoryStore(Store):
                     "writing (by a stale cleanup that does not honour held locks?); nothing was committed"
                 )
             try:
-                rename_noreplace(tmp, self.path(name))
+                _platform.rename_noreplace(tmp, self.path(name))
             except FileExistsError:
                 raise CheckpointExistsError(f"checkpoint {name!r} already exists in {self.root}") from None
             if durable:
@@ -148,10 +114,7 @@ class LocalDirectoryStore(Store):
                 if not committed:
                     shutil.rmtree(tmp, ignore_errors=True)
             finally:
-                try:
-                    os.unlink(lock)
-                except FileNotFoundError:
-                    pass
+                _platform.unlink_lock(lock)
                 os.close(fd)
 
     def tag_index(self, durable: bool = True) -> TagIndex:
@@ -205,10 +168,7 @@ class LocalDirectoryStore(Store):
                 # letting go would leave such a writer holding a lock on a file nobody can see, and the
                 # next cleanup would delete its staging directory under it
                 # (tests/reliability/test_cleanup_race.py).
-                try:
-                    os.unlink(lock)
-                except FileNotFoundError:
-                    pass
+                _platform.unlink_lock(lock)
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -217,19 +177,14 @@ class LocalDirectoryStore(Store):
     @staticmethod
     def _claim(lock: str) -> int | None:
         """Take ``lock`` if no live process holds it: its fd, held (the caller closes it), or -1
-        when the file is gone; None when a live writer holds it.  A staging directory without
+        when the file is gone (or nothing needs holding); None when a live writer holds it, or
+        when this platform cannot tell (``_platform.claim_lock``).  A staging directory without
         its lock file is abandoned: writers remove their lock file only after their staging
         directory, and cleaners only while holding its lock."""
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            return _platform.claim_lock(lock)
         except FileNotFoundError:
             return -1
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
 
 
 def _is_file_of(path: str, fd: int) -> bool:

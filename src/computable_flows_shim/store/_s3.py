@@ -59,6 +59,7 @@ from typing import Any
 
 import crc32c as _crc
 
+from computable_flows_shim import _platform
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format.arrays import MAX_METADATA_BYTES
 from computable_flows_shim.errors import (
@@ -898,7 +899,8 @@ _CACHE_PREFIX = "cfs-s3-"
 def _remove_dead_caches() -> None:
     """Remove the local mirrors and staging areas that killed processes left in the temp
     directory (``cfs-s3-<pid>-*``, ``<pid>`` no longer running): a process removes its own
-    at exit, a SIGKILLed one cannot."""
+    at exit, a SIGKILLed one cannot.  On Windows they stay: no process is probed there
+    (``_platform.pid_alive``)."""
     tmp = tempfile.gettempdir()
     try:
         names = os.listdir(tmp)
@@ -908,12 +910,8 @@ def _remove_dead_caches() -> None:
         m = re.match(rf"^{_CACHE_PREFIX}(\d+)-[A-Za-z0-9_]+$", n)
         if m is None or int(m.group(1)) == os.getpid():
             continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
+        if not _platform.pid_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(tmp, n), ignore_errors=True)
-        except OSError:
-            pass  # alive, another user's
 
 
 def _close(cache: str, pool: ThreadPoolExecutor) -> None:

@@ -19,6 +19,8 @@ from computable_flows_shim._format import spec as S
 from computable_flows_shim._format.io import fsync_dir
 from computable_flows_shim._types import CheckpointId
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # not on Windows, whose descriptors are never inherited
+
 
 class TagIndex:
     """The tags of one local store (see the module docstring for the layout)."""
@@ -39,7 +41,7 @@ class TagIndex:
         while True:
             os.makedirs(d, exist_ok=True)
             try:
-                fd = os.open(os.path.join(d, tag), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = os.open(os.path.join(d, tag), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o644)
             except FileExistsError:
                 return False
             except FileNotFoundError:
