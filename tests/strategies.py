@@ -81,3 +81,14 @@ def assert_tree_equal(a, b, path="state"):
         assert np.signbit(a) == np.signbit(b), f"{path}: sign of zero"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def assert_lazy_slices_match(lazy, a: np.ndarray) -> None:
+    """A lazy leaf reads back whole and under a few row slices exactly as numpy slices ``a``."""
+    assert lazy.shape == a.shape and lazy.dtype == a.dtype
+    assert np.asarray(lazy).tobytes() == a.tobytes()
+    if a.ndim:
+        n = a.shape[0]
+        for key in [slice(1, None, 2), slice(None, None, -1), slice(n // 2, n // 2 + 1), -1 if n else slice(0)]:
+            want, got = a[key], lazy[key]
+            assert got.shape == want.shape and got.tobytes() == want.tobytes(), key
