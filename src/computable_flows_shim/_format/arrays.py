@@ -567,16 +567,27 @@ def read_chunk(
             except (ValueError, RuntimeError, TypeError) as e:
                 raise CheckpointCorruptError(f"{cwhere}: undecodable text chunk ({e})") from None
         chunk_bytes = math.prod(layout.chunk_shape) * layout.dtype.itemsize
-        _check_chunk_size(size, chunk_bytes, cwhere, layout.codec)
-        raw = _read_small(f, size, cwhere)
-    view = memoryview(raw)[: size - S.CRC_BYTES]
-    _check_crc(_crc.crc32c(view), raw[size - S.CRC_BYTES :], expected_crc, cwhere)
-    if layout.codec is not None:  # the CRC covers the stored bytes: checked before decompressing
-        layout.codec.check(view, chunk_bytes, cwhere)
+        view = _read_stored(f, size, chunk_bytes, layout.codec, expected_crc, cwhere)
+    if layout.codec is not None:
         data = np.empty(chunk_bytes, np.uint8)
         layout.codec.decode_into(view, data.data, cwhere)
         view = data.data
     return np.frombuffer(view, dtype=layout.dtype).reshape(layout.chunk_shape)[valid]
+
+
+def _read_stored(
+    f: Any, size: int, chunk_bytes: int, codec: ChunkCodec | None, expected_crc: int, cwhere: str
+) -> memoryview:
+    """The stored bytes of a numeric chunk file (without its CRC trailer), after every check
+    made before decoding: size, CRC and manifest, and for a compressed chunk the size its
+    header claims (the CRC covers the stored bytes, so nothing is decompressed unchecked)."""
+    _check_chunk_size(size, chunk_bytes, cwhere, codec)
+    raw = _read_small(f, size, cwhere)
+    body = memoryview(raw)[: size - S.CRC_BYTES]
+    _check_crc(_crc.crc32c(body), raw[size - S.CRC_BYTES :], expected_crc, cwhere)
+    if codec is not None:
+        codec.check(body, chunk_bytes, cwhere)
+    return body
 
 
 def read_chunk_into(
@@ -632,11 +643,7 @@ def _read_compressed_into(
     chunk_bytes = math.prod(layout.chunk_shape) * layout.dtype.itemsize
     f, size = _open_nofollow(_chunk_path(dirpath, layout, coords, cwhere), cwhere, mirror)
     with f:
-        _check_chunk_size(size, chunk_bytes, cwhere, layout.codec)
-        raw = _read_small(f, size, cwhere)
-    body = memoryview(raw)[: size - S.CRC_BYTES]
-    _check_crc(_crc.crc32c(body), raw[size - S.CRC_BYTES :], expected_crc, cwhere)
-    layout.codec.check(body, chunk_bytes, cwhere)
+        body = _read_stored(f, size, chunk_bytes, layout.codec, expected_crc, cwhere)
     start, n = _slab_span(layout, layout.region(coords), layout.dtype.itemsize)
     dst = out.reshape(-1).view(np.uint8)[start : start + n].data
     if n == chunk_bytes:

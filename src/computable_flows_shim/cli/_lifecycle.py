@@ -106,8 +106,6 @@ def policy_from(args: argparse.Namespace):
     return any_of(*ps) if ps else None
 
 
-
-
 def _decision_table(report) -> None:
     print(f"{'checkpoint':<40} {'iteration':>10}  {'action':<7} reasons")
     for d in report.decisions:
@@ -153,8 +151,11 @@ def cmd_du(args: argparse.Namespace) -> int:
     report = mgr.apply_retention(args.run, policy, dry_run=True) if policy is not None else None
     out = usage.to_dict()
     if report is not None:
-        out["gc"] = {"policy": report.policy, "would_delete": report.deleted, "would_free_bytes": None}
-        out["gc"]["would_free_bytes"] = usage.freed_by(report.deleted)
+        out["gc"] = {
+            "policy": report.policy,
+            "would_delete": report.deleted,
+            "would_free_bytes": usage.freed_by(report.deleted),
+        }
     if args.json:
         print_json(out)
         return 0

@@ -28,8 +28,22 @@ from computable_flows_shim.store._base import Store
 _Inode = tuple
 
 
+class _SharedBytes:
+    """``shared_bytes`` (also linked from elsewhere) of a usage with ``bytes`` and ``exclusive_bytes``."""
+
+    bytes: int
+    exclusive_bytes: int
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.bytes - self.exclusive_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "shared_bytes": self.shared_bytes}  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class CheckpointUsage:
+class CheckpointUsage(_SharedBytes):
     """Bytes of one checkpoint: ``bytes`` (its files, each once), of which ``exclusive_bytes``
     are freed by deleting it alone and ``shared_bytes`` are hard-linked from elsewhere."""
 
@@ -40,16 +54,9 @@ class CheckpointUsage:
     bytes: int
     exclusive_bytes: int
 
-    @property
-    def shared_bytes(self) -> int:
-        return self.bytes - self.exclusive_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "shared_bytes": self.shared_bytes}
-
 
 @dataclass(frozen=True)
-class RunUsage:
+class RunUsage(_SharedBytes):
     """Bytes of one run's checkpoints, each file once: ``exclusive_bytes`` are freed by
     deleting the whole run, ``shared_bytes`` are also linked from outside it."""
 
@@ -57,13 +64,6 @@ class RunUsage:
     checkpoints: int
     bytes: int
     exclusive_bytes: int
-
-    @property
-    def shared_bytes(self) -> int:
-        return self.bytes - self.exclusive_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "shared_bytes": self.shared_bytes}
 
 
 @dataclass(frozen=True)
