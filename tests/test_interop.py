@@ -1,6 +1,7 @@
 """Other tools read our checkpoints with no project code: each reader runs in a fresh
 subprocess that never imports computable_flows_shim and compares against .npy files."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -265,6 +266,15 @@ def test_the_entry_points_declare_exactly_the_format_s_ml_types():
 
     eps = {e.name: e for e in entry_points().select(group="zarr.data_type") if e.value.startswith(z.__name__)}
     assert set(eps) == set(EXTENSION_NAMES) == set(z.NAMES) == set(z.DATA_TYPES)
+    # the list stands in three places on purpose (the zarr adapter and the spec's reference reader
+    # import nothing of the package): they must stay the same list
+    from computable_flows_shim._format import dtypes
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spec", "reference_reader.py")
+    spec = importlib.util.spec_from_file_location("reference_reader", path)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    assert list(z.NAMES) == list(dtypes._EXTENSION) == list(reference.EXTENSION_TYPES)
     for name, ep in eps.items():
         cls = ep.load()
         native = np.dtype(getattr(ml_dtypes, name))
