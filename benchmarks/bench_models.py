@@ -25,7 +25,8 @@ States (random data, fixed seed; every leaf a numpy array, the same tree for eve
 Save methods:
   cfs durable        CheckpointManager(durable=True).create_checkpoint: on Linux >= 5.8 one syncfs of the
                      staging file system, then rename and fsync of the store directory (elsewhere fdatasync
-                     of every file and fsync of every directory); a fresh run id each time: every byte written
+                     of every file and fsync of every directory); a fresh run id each time: every byte written;
+                     leaves of at most 64 KiB packed, one array per dtype (--pack-max-bytes 0: every leaf its own)
   cfs no fsync       the same with CheckpointManager(durable=False)
   orbax              orbax StandardCheckpointer().save + wait_until_finished, as shipped: fsyncs (its
                      tensorstore kvstore has file_io_sync on by default; --check-fsync counts them)
@@ -415,11 +416,15 @@ class Format:
 class Cfs(Format):
     family = "cfs"
 
+    pack_max_bytes: int | None = None  # --pack-max-bytes (None: the library's default)
+
     def __init__(self, st: State, work: str, pool: ThreadPoolExecutor, durable: bool) -> None:
         super().__init__(st, work, pool)
         from computable_flows_shim import CheckpointManager
 
-        self.mgr = CheckpointManager(os.path.join(work, "cfs-durable" if durable else "cfs-nofsync"), durable=durable)
+        root = os.path.join(work, "cfs-durable" if durable else "cfs-nofsync")
+        packing = {} if self.pack_max_bytes is None else {"pack_max_bytes": self.pack_max_bytes}
+        self.mgr = CheckpointManager(root, durable=durable, **packing)
 
     def save(self) -> Any:
         self.n += 1
@@ -796,6 +801,7 @@ def child_cmd(args: argparse.Namespace, state: str, key: str, work: str) -> list
         repr(args.scale),
         "--leaves",
         str(args.leaves),
+        *(["--pack-max-bytes", str(args.pack_max_bytes)] if args.pack_max_bytes is not None else []),
         "--dir",
         work,
     ] + (["--shallow"] if args.shallow else [])
@@ -954,6 +960,12 @@ def main() -> None:
     ap.add_argument("--leaves", type=int, default=10_000, help="leaves of the small and 1k states")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {','.join(PEERS)}")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary directory under ./bench-out)")
+    ap.add_argument(
+        "--pack-max-bytes",
+        type=int,
+        default=None,
+        help="CheckpointManager(pack_max_bytes=...) of the cfs rows (default: the library's, 64 KiB; 0: no packing)",
+    )
     ap.add_argument("--memory", action="store_true", help="peak memory of each method, in a child process")
     ap.add_argument("--check-fsync", action="store_true", help="count the sync calls of each save under strace")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 run, no warm-up (CI)")
@@ -961,6 +973,7 @@ def main() -> None:
     ap.add_argument("--syncs-only", action="store_true", help=argparse.SUPPRESS)  # child under strace: no removal
     ap.add_argument("--shallow", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    Cfs.pack_max_bytes = args.pack_max_bytes
     if args.smoke:
         args.scale, args.leaves, args.repeats, args.warmup = min(args.scale, 0.01), min(args.leaves, 50), 1, 0
         args.shallow = True

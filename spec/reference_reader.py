@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference reader for computable-flows-shim checkpoints, format versions 1 and 2.
+"""Reference reader for computable-flows-shim checkpoints, format versions 1, 2 and 3.
 
 Written from spec/FORMAT.md alone, with zarr-python doing the Zarr part. It never imports
 computable_flows_shim; it needs zarr-python (and numpy and numcodecs, which come with it)
@@ -15,7 +15,9 @@ between that check and zarr-python's read is not detected: a reader for hostile
 concurrent writers would decode the bytes it checked, as it does here for the extension
 types.)  A compressed chunk (version 2, section 8.1: ``zstd`` or ``blosc`` between ``bytes`` and
 ``crc32c``) is refused unless its frame header states exactly the chunk's size, before anything
-decompresses it (zarr-python would allocate whatever the header claims).
+decompresses it (zarr-python would allocate whatever the header claims).  A packed leaf
+(version 3, section 8.2) is a range of its pack ``packed/<data type>``, an ordinary array read
+(once) and checked like any other; the range's CRC32C must then equal the node's ``crc32c``.
 
 Usage::
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 
 import numcodecs
@@ -38,7 +41,7 @@ import numpy as np
 import zarr
 
 FORMAT_NAME = "computable-flows-shim.checkpoint"
-MAX_VERSION = 2
+MAX_VERSION = 3
 MAX_METADATA_BYTES = 16 << 20
 CORE_TYPES = {
     n: np.dtype(n)
@@ -78,13 +81,14 @@ EXTENSION_TYPES = [
     "uint4",
 ]
 KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+PACK_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _CRC32C = numcodecs.CRC32C()
 BLOSC_CNAMES = ("blosclz", "lz4", "lz4hc", "zlib", "zstd")
 BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 
 
 class RefusedError(ValueError):
-    """The checkpoint is damaged or not something format v1 may read (section 13)."""
+    """The checkpoint is damaged or not something format versions 1 to 3 may read (section 13)."""
 
 
 def refuse(condition: bool, message: str) -> None:
@@ -271,9 +275,30 @@ def json_float(v: object) -> float:
     return float(v)
 
 
-def build(node: dict, state_dir: str):
-    """Section 7: the ``pytree`` attribute back to Python values (namedtuple and custom
-    nodes as dicts, PRNG keys as ``("prng_key", impl, key_data)``)."""
+def packed_leaf(path: str, entry: dict, packs: dict[str, np.ndarray]) -> tuple[np.ndarray, object]:
+    """Section 8.2 (version 3): a packed leaf of the checkpoint ``path``, from its node's ``packed``
+    member; ``(values, PRNG key implementation or None)``.  ``packs``: each pack read once."""
+    refuse(isinstance(entry, dict), f"malformed packed leaf {entry!r}")
+    name, offset, shape, crc = (entry.get(k) for k in ("array", "offset", "shape", "crc32c"))
+    refuse(isinstance(name, str) and PACK_NAME.fullmatch(name) is not None, f"bad pack name {name!r}")
+    refuse(isinstance(shape, list) and len(shape) <= 64, f"bad packed leaf shape {shape!r}")
+    refuse(all(is_int(v) and v >= 0 for v in [offset, crc, *shape]), f"bad packed leaf {entry!r}")
+    refuse(crc < 1 << 32, f"bad packed leaf crc32c {crc!r}")
+    if name not in packs:  # an ordinary array of section 8: every chunk checked
+        packs[name] = read_array(os.path.join(path, "packed"), name)[0]
+    pack, n = packs[name], math.prod(shape)
+    refuse(pack.dtype != object and pack.ndim == 1, f"pack {name!r} is not a 1-D numeric array")
+    refuse(0 < n and offset + n <= pack.shape[0], f"packed leaf {shape} at {offset} does not fit pack {name!r}")
+    leaf = pack[offset : offset + n]
+    got = int.from_bytes(bytes(_CRC32C.encode(leaf.tobytes())[-4:]), "little")  # the codec's trailer
+    refuse(got == crc, f"packed leaf at {offset} of pack {name!r} does not match its crc32c ({got} != {crc})")
+    return leaf.reshape(shape), entry.get("cfs_prng_key_impl")
+
+
+def build(node: dict, path: str, packs: dict[str, np.ndarray] | None = None):
+    """Section 7: the ``pytree`` attribute of the checkpoint ``path`` back to Python values
+    (namedtuple and custom nodes as dicts, PRNG keys as ``("prng_key", impl, key_data)``)."""
+    packs = {} if packs is None else packs
     refuse(isinstance(node, dict) and isinstance(node.get("kind"), str), f"malformed pytree node {node!r}")
     kind = node["kind"]
     if kind == "none":
@@ -288,15 +313,18 @@ def build(node: dict, state_dir: str):
         return complex(json_float(v[0]), json_float(v[1]))
     if kind == "array":
         refuse(isinstance(node.get("path"), str), "array node without path")
-        a, attrs = read_array(state_dir, node["path"])
-        impl = attrs.get("cfs_prng_key_impl")
+        if "packed" in node:  # version 3: a range of packed/<data type>, nothing under state/
+            a, impl = packed_leaf(path, node["packed"], packs)
+        else:
+            a, attrs = read_array(os.path.join(path, "state"), node["path"])
+            impl = attrs.get("cfs_prng_key_impl")
         if impl is not None:
             refuse(impl in KEY_IMPLS, f"unknown PRNG key implementation {impl!r}")
             return ("prng_key", impl, a)  # jax.random.wrap_key_data(a, impl=impl)
         return a[()] if node.get("numpy_scalar") and a.ndim == 0 else a
     children = node.get("children")
     refuse(isinstance(children, list), f"{kind} node without children")
-    kids = [build(c, state_dir) for c in children]
+    kids = [build(c, path, packs) for c in children]
     if kind == "list":
         return kids
     if kind == "tuple":
@@ -318,7 +346,7 @@ def read_checkpoint(path: str) -> tuple[dict, object, dict[str, np.ndarray], lis
     refuse(isinstance(a.get("run_id"), str) and is_int(a.get("iteration")), "bad run_id or iteration")
     refuse(a.get("checkpoint_id") == os.path.basename(os.path.normpath(path)), "checkpoint_id is not the directory")
     refuse(isinstance(a.get("pytree"), dict), "pytree is not an object")
-    state = build(a["pytree"], os.path.join(path, "state"))
+    state = build(a["pytree"], path)
     tdir = os.path.join(path, "telemetry")
     load_json(os.path.join(tdir, "zarr.json"))
     with os.scandir(tdir) as it:

@@ -34,7 +34,7 @@ def test_run_ls_show_resume_rollback_verify_rm(tmp_path, capsys):
 
 def test_verify_reports_damage_and_fails(tmp_path, capsys):
     root = str(tmp_path / "ck")
-    mgr = CheckpointManager(root)
+    mgr = CheckpointManager(root, pack_max_bytes=0)
     cid = mgr.create_checkpoint("r", 1, {"a": np.arange(100.0)}, {})
     chunk = os.path.join(mgr.checkpoint_path(cid), "state", "a", "c.0")
     with open(chunk, "r+b") as f:

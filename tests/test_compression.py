@@ -242,7 +242,7 @@ def test_random_data_switches_compression_off(fast):
 
 
 def test_uncompressed_is_the_default_and_stays_format_v1(tmp_path):
-    mgr = CheckpointManager(tmp_path / "s", durable=False)
+    mgr = CheckpointManager(tmp_path / "s", durable=False, pack_max_bytes=0)  # packs make version 3
     assert mgr.compression is None
     ckpt = mgr.checkpoint_path(mgr.create_checkpoint("r", 1, STATE))
     assert root_attrs(ckpt)["format_version"] == 1
@@ -251,7 +251,7 @@ def test_uncompressed_is_the_default_and_stays_format_v1(tmp_path):
 
 
 def test_manager_default_per_save_override_and_per_leaf_policy(tmp_path):
-    mgr = CheckpointManager(tmp_path / "s", durable=False, compression="blosc")
+    mgr = CheckpointManager(tmp_path / "s", durable=False, compression="blosc", pack_max_bytes=0)
     ckpt = mgr.checkpoint_path(mgr.create_checkpoint("r", 1, STATE))
     assert codecs_of(ckpt, "sparse") == ["bytes", "blosc", "crc32c"]
     ckpt = mgr.checkpoint_path(mgr.create_checkpoint("r", 2, STATE, compression=None))
@@ -341,7 +341,7 @@ def test_compressed_root_attributes_validate_against_the_schema(fast):
     ckpt = fast.checkpoint_path(fast.create_checkpoint("r", 1, STATE, compression="zstd"))
     jsonschema.validate(root_attrs(ckpt), schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**root_attrs(ckpt), "format_version": 3}, schema)
+        jsonschema.validate({**root_attrs(ckpt), "format_version": 4}, schema)
 
 
 FORCED = [

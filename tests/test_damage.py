@@ -8,13 +8,15 @@ import forge
 import numpy as np
 import pytest
 
-from computable_flows_shim import CheckpointCorruptError, CheckpointError, CheckpointFormatError
+from computable_flows_shim import CheckpointCorruptError, CheckpointError, CheckpointFormatError, CheckpointManager
 
 BIG = np.arange(3 * 1024 * 1024, dtype=np.float32).reshape(3, 1024, 1024)  # 12 MiB: 3 chunks
 
 
 @pytest.fixture
-def saved(mgr):
+def saved(tmp_path):
+    # every leaf its own array: its files are what these tests damage
+    mgr = CheckpointManager(tmp_path / "store", pack_max_bytes=0)
     cid = mgr.create_checkpoint("r", 1, {"big": BIG, "small": {"v": np.arange(5)}}, {})
     return mgr, cid, mgr.checkpoint_path(cid)
 

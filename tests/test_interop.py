@@ -53,7 +53,7 @@ def ckpt(tmp_path_factory):
     from computable_flows_shim import CheckpointManager
 
     d = tmp_path_factory.mktemp("interop")
-    mgr = CheckpointManager(d / "store")
+    mgr = CheckpointManager(d / "store", pack_max_bytes=0)  # every leaf its own array (packs: test_reference_reader)
     core = mgr.checkpoint_path(mgr.create_checkpoint("core", 1, CORE, {"lr": 0.5}, telemetry_history=HIST))
     ext = mgr.checkpoint_path(mgr.create_checkpoint("ext", 1, {**CORE, **EXT}, {}, telemetry_history=HIST))
     exp = d / "expected"
@@ -201,7 +201,7 @@ def ml_ckpt(tmp_path_factory):
         info = ml_dtypes.iinfo(dt) if name.startswith(("int", "uint")) else None
         vals = rng.integers(info.min, info.max + 1, 40) if info else rng.standard_normal(40) * 2
         state[name] = np.asarray(vals).astype(dt).reshape(5, 8)
-    mgr = CheckpointManager(d / "store")
+    mgr = CheckpointManager(d / "store", pack_max_bytes=0)
     path = mgr.checkpoint_path(mgr.create_checkpoint("ml", 1, state, telemetry_history=HIST))
     exp = d / "expected"
     exp.mkdir()
@@ -296,7 +296,7 @@ def compressed(tmp_path_factory):
     from computable_flows_shim import CheckpointManager, Compression
 
     d = tmp_path_factory.mktemp("compressed")
-    mgr = CheckpointManager(d / "store", durable=False)
+    mgr = CheckpointManager(d / "store", durable=False, pack_max_bytes=0)
     paths = {}
     for name, comp in [
         ("zstd", "zstd"),

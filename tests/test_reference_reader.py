@@ -1,6 +1,6 @@
-"""spec/reference_reader.py (zarr-python and the spec, no project code) reads the golden v1
-and v2 checkpoints bit-exactly and refuses damage.  Every reader runs in a fresh subprocess that
-never imports computable_flows_shim."""
+"""spec/reference_reader.py (zarr-python and the spec, no project code) reads the golden v1,
+v2 and v3 checkpoints, and packed leaves the package wrote, bit-exactly and refuses damage.
+Every reader runs in a fresh subprocess that never imports computable_flows_shim."""
 
 import json
 import os
@@ -197,6 +197,192 @@ def _zstd_bomb():
 def test_reference_reader_refuses_damaged_compressed_chunks(tmp_path, damage, message):
     d = str(tmp_path / os.path.basename(GOLDEN_V2))
     shutil.copytree(GOLDEN_V2, d)
+    damage(d)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, READER, d], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "refused" in r.stderr and message in r.stderr, r.stderr
+
+
+LEAF_DIGESTS = """
+        import json, sys
+        sys.path[:0] = [sys.argv[1], sys.argv[2]]
+        import numpy as np
+        from reference_reader import read_checkpoint
+
+        def leaves(t, p=''):
+            if isinstance(t, dict):
+                for k, v in t.items():
+                    yield from leaves(v, f'{p}{k}/')
+            elif isinstance(t, list):
+                for i, v in enumerate(t):
+                    yield from leaves(v, f'{p}{i}/')
+            else:
+                yield p[:-1], t
+
+        attrs, state, cols, events = read_checkpoint(sys.argv[3])
+        out = {'format_version': attrs['format_version'], 'leaves': {}}
+        for path, v in leaves(state):
+            if isinstance(v, tuple):  # a PRNG key
+                out['leaves'][path] = [v[1], str(v[2].dtype), list(v[2].shape), v[2].tobytes().hex()]
+            elif isinstance(v, (np.ndarray, np.generic)):
+                kind = 'scalar' if isinstance(v, np.generic) else 'array'
+                out['leaves'][path] = [kind, str(v.dtype), list(v.shape), v.tobytes().hex()]
+            else:
+                out['leaves'][path] = repr(v)
+        assert 'computable_flows_shim' not in sys.modules
+        print(json.dumps(out))
+        """
+"""A subprocess that reads ``sys.argv[3]`` with the reference reader and prints, as JSON,
+``[kind, dtype, shape, hex bytes]`` of every array leaf by path (PRNG keys: ``[impl, ...]``
+of their key data), ``repr`` of every other leaf."""
+
+
+def _expected_digest(state) -> dict:
+    """What ``LEAF_DIGESTS`` prints for the saved ``state``, computed with the package."""
+    import jax
+    import numpy as np
+
+    out = {}
+
+    def walk(t, p=""):
+        if isinstance(t, dict):
+            for k, v in t.items():
+                walk(v, f"{p}{k}/")
+        elif isinstance(t, list):
+            for i, v in enumerate(t):
+                walk(v, f"{p}{i}/")
+        elif isinstance(t, jax.Array) and jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(t))
+            out[p[:-1]] = [str(jax.random.key_impl(t)), str(data.dtype), list(data.shape), data.tobytes().hex()]
+        elif isinstance(t, (np.ndarray, np.generic)):
+            kind = "scalar" if isinstance(t, np.generic) else "array"
+            out[p[:-1]] = [kind, str(t.dtype), list(t.shape), t.tobytes().hex()]
+        else:
+            out[p[:-1]] = repr(t)
+
+    walk(state)
+    return out
+
+
+def test_reference_reader_reads_packed_leaves_bit_exactly(tmp_path):
+    """Format v3: packed leaves of several data types (two to a pack, a 0-d numpy scalar, PRNG
+    keys in the uint32 pack) beside an unpacked leaf above the limit, as the package saved them."""
+    import jax
+    import ml_dtypes
+    import numpy as np
+
+    from computable_flows_shim import CheckpointManager
+
+    state = {
+        "f32": np.linspace(-1, 1, 15, dtype=np.float32).reshape(3, 5),
+        "f32b": np.array([np.nan, -0.0, np.inf], np.float32),
+        "bf16": (np.arange(9) / 7).astype(ml_dtypes.bfloat16),
+        "i8": np.arange(-4, 5, dtype=np.int8),
+        "u8": np.arange(3, dtype=np.uint8),
+        "int4": np.array([-8, 7], ml_dtypes.int4),
+        "scalar": np.float64(-0.0),
+        "iscalar": np.int32(-7),
+        "key": jax.random.key(5),
+        "rbg": jax.random.key(6, impl="rbg"),
+        "big": np.arange(20000, dtype=np.float32),
+        "list": [1, None, "s"],
+    }
+    mgr = CheckpointManager(tmp_path / "store")
+    path = mgr.checkpoint_path(mgr.create_checkpoint("r", 1, state))
+    with open(os.path.join(path, "zarr.json")) as f:
+        attrs = json.load(f)["attributes"]
+    packed = {n["path"]: n.get("packed") for n in attrs["pytree"]["children"] if n["kind"] == "array"}
+    assert attrs["format_version"] == 3 and packed["big"] is None
+    assert packed["f32b"]["array"] == "float32" and packed["f32b"]["offset"] == 16
+    assert packed["rbg"]["array"] == "uint32" and packed["rbg"]["cfs_prng_key_impl"] == "rbg"
+    r = run_python(LEAF_DIGESTS, os.path.join(ROOT, "spec"), os.path.join(ROOT, "tests", "golden"), path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout)
+    assert got["format_version"] == 3
+    assert got["leaves"] == _expected_digest(state)
+
+
+GOLDEN_V3 = os.path.join(ROOT, "tests", "golden", "v3", "golden-i000000000003")
+
+
+def test_reference_reader_reads_the_golden_v3_checkpoint_bit_exactly():
+    """The golden v3 checkpoint: packs of core and extension types, PRNG keys, a compressed and
+    an empty unpacked leaf."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "golden"))
+    import make_golden_v3 as v3
+
+    r = run_python(LEAF_DIGESTS, os.path.join(ROOT, "spec"), os.path.join(ROOT, "tests", "golden"), GOLDEN_V3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout)
+    assert got["format_version"] == 3
+    assert got["leaves"] == _expected_digest(v3.stored_state())
+
+
+def _rewrite_packed_leaf(d, pack, offset, new_bytes):
+    """Change a packed leaf's bytes in its pack chunk (one chunk) with the chunk's CRC32C
+    trailer and manifest entry rewritten to match: only the leaf's own crc32c can refuse it."""
+    import crc32c
+
+    chunk = os.path.join(d, "packed", pack, "c.0")
+    with open(chunk, "rb") as f:
+        body = bytearray(f.read()[:-4])
+    body[offset : offset + len(new_bytes)] = new_bytes
+    _replace_chunk(d, f"packed/{pack}", "c.0", bytes(body))
+    with open(os.path.join(d, "packed", pack, "c.0"), "rb") as f:
+        raw = f.read()
+    assert int.from_bytes(raw[-4:], "little") == crc32c.crc32c(raw[:-4])
+
+
+def _edit_packed_node(d, path, **changes):
+    """Change the ``packed`` member of the array node at ``path`` in the root attributes."""
+    meta = os.path.join(d, "zarr.json")
+    with open(meta) as f:
+        doc = json.load(f)
+
+    def walk(node):
+        if node.get("path") == path:
+            node["packed"].update(changes)
+        for c in node.get("children", []):
+            walk(c)
+
+    walk(doc["attributes"]["pytree"])
+    with open(meta, "w") as f:
+        json.dump(doc, f)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        # layer/b: 6 float32 at element 16 (byte 64) of packed/float32
+        (lambda d: _rewrite_packed_leaf(d, "float32", 64 + 4, b"\x00\x00\x80\x3f"), "does not match its crc32c"),
+        # layer/shift: 4 bfloat16 at element 32 (byte 64) of packed/bfloat16 (decoded by this reader)
+        (lambda d: _rewrite_packed_leaf(d, "bfloat16", 64, b"\x80\x3f"), "does not match its crc32c"),
+        (lambda d: _flip_first_byte(os.path.join(d, "packed/float32/c.0")), "checksum"),
+        (lambda d: os.unlink(os.path.join(d, "packed/uint32/c.0")), "chunk file missing"),
+        (lambda d: _edit_packed_node(d, "layer/b", offset=18), "does not fit"),
+        (lambda d: _edit_packed_node(d, "layer/b", array="../state"), "bad pack name"),
+        (lambda d: _edit_packed_node(d, "layer/b", shape=[0]), "does not fit"),
+        (lambda d: _edit_packed_node(d, "layer/b", crc32c=True), "bad packed leaf"),
+        (lambda d: _edit_packed_node(d, "layer/b", offset=0), "does not match its crc32c"),
+        (lambda d: _edit_packed_node(d, "rng/rbg", cfs_prng_key_impl="philox"), "unknown PRNG key"),
+    ],
+    ids=[
+        "rewritten-leaf",
+        "rewritten-leaf-bfloat16",
+        "bit-flip-pack",
+        "missing-pack-chunk",
+        "out-of-range",
+        "unsafe-pack-name",
+        "empty-shape",
+        "bool-crc",
+        "another-leafs-range",
+        "bad-key-impl",
+    ],
+)
+def test_reference_reader_refuses_damaged_packed_leaves(tmp_path, damage, message):
+    d = str(tmp_path / os.path.basename(GOLDEN_V3))
+    shutil.copytree(GOLDEN_V3, d)
     damage(d)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, READER, d], capture_output=True, text=True, timeout=120, env=env)

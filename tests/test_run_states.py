@@ -49,7 +49,7 @@ def history(n: int) -> dict:
 def store(tmp_path_factory):
     """run ``a`` at 0, 10, 20; ``a-b`` rolled back from a@10, then 30."""
     root = str(tmp_path_factory.mktemp("states") / "store")
-    mgr = CheckpointManager(root, durable=False)
+    mgr = CheckpointManager(root, durable=False, pack_max_bytes=0)  # the tests count each leaf's chunk files
     for it in (0, 10, 20):
         mgr.create_checkpoint("a", it, state(it), {}, history(max(it, 1)))
     mgr.rollback_to_checkpoint("a-i000000000010", "a-b")
@@ -161,7 +161,7 @@ def test_several_runs_with_a_branch_share_the_parents_chunks(store, monkeypatch)
 
 
 def test_a_damaged_chunk_raises_our_error_inside_the_computation(tmp_path):
-    mgr = CheckpointManager(tmp_path / "s", durable=False)
+    mgr = CheckpointManager(tmp_path / "s", durable=False, pack_max_bytes=0)
     for it in (1, 2, 3):
         mgr.create_checkpoint("r", it, {"x": np.full(100, float(it)), "y": np.ones(10)})
     chunk = os.path.join(mgr.checkpoint_path("r-i000000000002"), "state", "x", "c.0")
@@ -269,7 +269,7 @@ def test_telemetry_at_the_checkpoint_iterations(store, tmp_path):
 def test_open_run_states_on_s3_reads_each_distinct_object_once(s3_url):
     rng = np.random.default_rng(1)
     frozen = rng.standard_normal((700, 1000))  # 5.3 MiB: two chunks, server-side copies after the first save
-    writer = CheckpointManager(s3_url)
+    writer = CheckpointManager(s3_url, pack_max_bytes=0)
     xs = {it: rng.standard_normal(50) for it in range(1, 9)}  # 9 checkpoints in all: opened 16 at a time
     for it, x in xs.items():
         writer.create_checkpoint("r", it, {"frozen": frozen, "x": x})
@@ -337,3 +337,19 @@ def test_cli_plot_state(store, tmp_path, capsys):
     assert "no checkpoint at iteration 5" in capsys.readouterr().err
     energy = ["--columns", "E", "phase", "-o", str(tmp_path / "energy.png")]
     assert main(["--store", root, "plot", "a", *energy]) == 0  # telemetry, as before
+
+
+def test_packed_leaves_along_a_run_and_a_branch(tmp_path):
+    mgr = CheckpointManager(tmp_path / "s", durable=False)  # small leaves packed (the default)
+    for it in (1, 2, 3):
+        mgr.create_checkpoint("r", it, {"w": np.full(8, it, np.float32), "c": np.float32(7), "big": np.zeros(20_000)})
+    mgr.rollback_to_checkpoint("r-i000000000002", "r-b")
+    assert "packed" in mgr.open_checkpoint("r-b-i000000000002").describe_leaves()[0].to_dict()["path"]
+    ds = open_run_states(mgr, ["r", "r-b"])
+    np.testing.assert_array_equal(ds["w"].values[0], [[1] * 8, [2] * 8, [3] * 8])
+    np.testing.assert_array_equal(ds["w"].values[1, :2], [[1] * 8, [2] * 8])
+    np.testing.assert_array_equal(ds["c"].values[0], [7, 7, 7])
+    # the branch's checkpoint links its parent's pack files: its packed leaf is the same task
+    sources = {k for k in dict(ds["w"].data.__dask_graph__()) if isinstance(k, str) and k.startswith("cfs-chunk-")}
+    assert len(sources) == 3
+    np.testing.assert_array_equal(successive_change(ds["w"]).values[0, 1:], [np.sqrt(8)] * 2)

@@ -290,7 +290,7 @@ def test_live_uploads_survive_cleanup_and_expired_ones_do_not(s3_url, s3_server)
 
 
 def test_hostile_and_damaged_commit_records(s3_url, tmp_path):
-    mgr = CheckpointManager(s3_url)
+    mgr = CheckpointManager(s3_url, pack_max_bytes=0)
     cid = mgr.create_checkpoint("r", 1, {"x": np.arange(1000.0)})
     store = mgr.store
     key = f".cfs-commits/{cid}.json"

@@ -60,6 +60,37 @@ def test_schema_refuses_bad_attrs(mgr, mutate):
         schema("checkpoint-attrs.schema.json").validate(attrs)
 
 
+def test_packed_nodes_validate_and_malformed_ones_are_refused(mgr):
+    """Format v3 (spec/FORMAT.md 8.2): a packed leaf's ``packed`` member matches the schema
+    (a PRNG key's with its implementation); malformed members are refused."""
+    tree = {"x": np.ones((2, 3), np.float32), "k": jax.random.key(1), "big": np.zeros(20000, np.float32)}
+    cid = mgr.create_checkpoint("r", 1, tree)
+    with open(os.path.join(mgr.checkpoint_path(cid), "zarr.json")) as f:
+        attrs = json.load(f)["attributes"]
+    v = schema("checkpoint-attrs.schema.json")
+    v.validate(attrs)
+    x, k, big = attrs["pytree"]["children"]
+    assert attrs["format_version"] == 3 and "packed" not in big
+    assert x["packed"]["array"] == "float32" and k["packed"]["cfs_prng_key_impl"] == "threefry2x32"
+    good = dict(x["packed"])
+    for bad in [
+        {m: val for m, val in good.items() if m != "crc32c"},
+        {**good, "array": "../state"},
+        {**good, "array": "Float32"},
+        {**good, "offset": -1},
+        {**good, "offset": 1.5},
+        {**good, "shape": [2, -3]},
+        {**good, "shape": [1] * 65},
+        {**good, "crc32c": 1 << 32},
+        {**good, "cfs_prng_key_impl": "philox"},
+        "float32",
+    ]:
+        x["packed"] = bad
+        assert not v.is_valid(attrs), bad
+    x["packed"] = good
+    assert v.is_valid(attrs) and not v.is_valid({**attrs, "format_version": 4})
+
+
 def test_commit_records_validate(s3_url):
     """The commit record an object-store save writes (spec/FORMAT.md 3.2) matches its schema,
     and the schema refuses records a reader must refuse."""
@@ -72,13 +103,13 @@ def test_commit_records_validate(s3_url):
     for c in (cid, rb):
         rec = json.loads(mgr.store._get(f".cfs-commits/{c}.json"))
         v.validate(rec)
-        assert rec["data"] == f"{c}/{rec['token']}" and "state/x/c.0" in rec["objects"]
+        assert rec["data"] == f"{c}/{rec['token']}" and "packed/float64/c.0" in rec["objects"]
         assert all(len(meta) == 3 for meta in rec["objects"].values())  # size, CRC32C, SHA-256
         bad = [
             {**rec, "objects": {**rec["objects"], "../x": [1, 2]}},
-            {**rec, "objects": {**rec["objects"], "state/x/c.0": [1, 1 << 33]}},
+            {**rec, "objects": {**rec["objects"], "packed/float64/c.0": [1, 1 << 33]}},
             {**rec, "token": "XYZ"},
-            {**rec, "objects": {**rec["objects"], "state/x/c.0": [1, 2, "not-a-sha256"]}},
+            {**rec, "objects": {**rec["objects"], "packed/float64/c.0": [1, 2, "not-a-sha256"]}},
             {k: x for k, x in rec.items() if k != "objects"},
         ]
         for b in bad:

@@ -93,7 +93,7 @@ def test_a_changed_chunk_with_the_same_crc_is_still_written(tmp_path):
     """Linking needs identical bytes, not just an equal CRC32C (collisions exist)."""
     import crc32c
 
-    mgr = CheckpointManager(tmp_path / "s")
+    mgr = CheckpointManager(tmp_path / "s", pack_max_bytes=0)
     base = np.zeros(16, np.uint8)
     changed = np.frombuffer(_crc_collision(16), np.uint8)
     assert changed.any() and crc32c.crc32c(changed.tobytes()) == crc32c.crc32c(base.tobytes())

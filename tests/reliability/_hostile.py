@@ -37,7 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # tests/, for forge
 
 NT = collections.namedtuple("NT", "a b")
-BASE = "base-i000000000001"
+BASE = "base-i000000000001"  # every leaf its own array (pack_max_bytes=0)
+PBASE = "pbase-i000000000001"  # the same state with its small leaves packed (the default)
 # A protocol-0 pickle that runs `touch CANARY` when unpickled: nothing may unpickle it.
 PICKLE = "cos\nsystem\n(S'touch {canary}'\ntR."
 
@@ -73,14 +74,14 @@ def base_history():
 
 
 class Case:
-    def __init__(self, store: str, name: str, outside: str, canary: str) -> None:
+    def __init__(self, store: str, name: str, outside: str, canary: str, base: str = BASE) -> None:
         import forge
 
         self.forge = forge
         self.cid = f"{name}-i000000000001"
         self.dir = os.path.join(store, self.cid)
         self.outside, self.canary = outside, canary
-        shutil.copytree(os.path.join(store, BASE), self.dir, symlinks=True)
+        shutil.copytree(os.path.join(store, base), self.dir, symlinks=True)
         self.edit("", lambda d: d["attributes"].update(checkpoint_id=self.cid, run_id=name))
 
     def p(self, rel: str) -> str:
@@ -128,14 +129,72 @@ class Case:
 CASES: list[tuple[str, bool, object]] = []
 
 
-def case(name: str, refuse: bool = True):
-    """``refuse``: a load must raise a library error (else it may also succeed harmlessly)."""
+def case(name: str, refuse: bool = True, base: str = BASE):
+    """``refuse``: a load must raise a library error (else it may also succeed harmlessly);
+    ``base``: the checkpoint the case starts from."""
 
     def deco(fn):
-        CASES.append((name, refuse, fn))
+        CASES.append((name, refuse, fn, base))
         return fn
 
     return deco
+
+
+def packed(c: Case, key: str, mutate) -> None:
+    """Change the ``packed`` member of top-level leaf ``key``'s pytree node (re-signed)."""
+
+    def edit(d):
+        tree = d["attributes"]["pytree"]
+        mutate(tree["children"][tree["keys"].index(key)]["packed"])
+
+    c.edit("", edit)
+
+
+# packed leaves (format v3): the pytree node says where a leaf lies in its pack
+case("packed-offset-past-the-pack", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(offset=10**9)))
+case("packed-shape-overflow", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(shape=[2**40, 2**40])))
+case("packed-shape-empty", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(shape=[0])))
+case("packed-negative-offset", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(offset=-4)))
+case("packed-array-traversal", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(array="../../outside")))
+case("packed-array-other-group", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(array="state/nested")))
+case("packed-array-missing", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(array="float16")))
+case("packed-wrong-crc", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(crc32c=n["crc32c"] ^ 1)))
+case("packed-crc-too-large", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(crc32c=2**40)))
+case("packed-crc-not-int", base=PBASE)(lambda c: packed(c, "x", lambda n: n.update(crc32c="0")))
+case("packed-prng-impl-pickle", base=PBASE)(lambda c: packed(c, "k", lambda n: n.update(cfs_prng_key_impl="pickle")))
+case("packed-member-not-object", base=PBASE)(
+    lambda c: c.edit("", lambda d: d["attributes"]["pytree"]["children"][0].update(packed=[1, 2]))
+)
+
+
+@case("packed-pack-rewritten-valid-trailer", base=PBASE)
+def _(c):  # the pack chunk's bytes changed with a valid trailer and manifest: only the leaf CRC32C sees it
+    path = c.p("packed/float32/c.0")
+    with open(path, "rb") as f:
+        body = bytearray(f.read()[:-4])
+    body[0] ^= 0xFF
+    c.set_chunk("packed/float32", "c.0", bytes(body))
+
+
+@case("packed-pack-as-another-type", base=PBASE)
+def _(c):  # the float32 pack relabelled int32: a leaf would be read as the wrong type
+    c.edit("packed/float32", lambda d: d.update(data_type="int32"))
+
+
+@case("packed-pack-2d", base=PBASE)
+def _(c):
+    c.edit("packed/float32", lambda d: d.update(shape=[1, d["shape"][0]]))
+
+
+@case("packed-pack-chunk-symlink-out", base=PBASE)
+def _(c):
+    c.replace("packed/float32/c.0", lambda p: os.symlink(c.canary, p))
+
+
+@case("packed-pack-missing", base=PBASE)
+def _(c):
+    shutil.rmtree(c.p("packed/int64"))
+    c.resign()
 
 
 def _dtype(t):
@@ -454,7 +513,7 @@ case("prng-impl-module-path")(
 )
 case("prng-wrong-key-shape")(lambda c: c.edit("state/x", lambda d: d["attributes"].update(cfs_prng_key_impl="rbg")))
 case("renamed-by-hand")(lambda c: c.edit("", lambda d: d["attributes"].update(checkpoint_id="other-i000000000001")))
-case("format-version-3")(lambda c: c.edit("", lambda d: d["attributes"].update(format_version=3)))
+case("format-version-4")(lambda c: c.edit("", lambda d: d["attributes"].update(format_version=4)))
 case("format-name")(lambda c: c.edit("", lambda d: d["attributes"].update(format="zarr")))
 
 
@@ -519,12 +578,14 @@ def build_corpus(store: str, outside: str, canary: str) -> list[tuple[str, bool]
     """Write the base checkpoint and every case into ``store``; returns (checkpoint id, must refuse)."""
     from computable_flows_shim import CheckpointManager
 
-    mgr = CheckpointManager(store, compression=base_compression)
+    mgr = CheckpointManager(store, compression=base_compression, pack_max_bytes=0)
     mgr.create_checkpoint("base", 1, base_state(), {"op": "x"}, telemetry_history=base_history())
+    packing = CheckpointManager(store, compression=base_compression)
+    packing.create_checkpoint("pbase", 1, base_state(), {"op": "x"}, telemetry_history=base_history())
     out = []
-    for name, refuse, fn in CASES:
+    for name, refuse, fn, base in CASES:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-        c = Case(store, safe, outside, canary)
+        c = Case(store, safe, outside, canary, base)
         fn(c)  # type: ignore[operator]
         out.append((c.cid, refuse))
     return out
@@ -586,6 +647,7 @@ def main() -> None:
         return ops
 
     exercise(BASE)  # warm up: every lazy import happens here, outside the audit
+    exercise(PBASE)
     mgr.list_checkpoints()
     allowed: list[str | None] = [None]
     violations: list[str] = []
@@ -633,7 +695,7 @@ def main() -> None:
     allowed[0] = None
     print(json.dumps({"id": "<self-test>", "ops": {}, "violations": list(violations), "peak": 0}), flush=True)
     violations.clear()
-    ids = sorted(n for n in os.listdir(store) if n != BASE and not n.startswith("."))
+    ids = sorted(n for n in os.listdir(store) if n not in (BASE, PBASE) and not n.startswith("."))
     for cid in ids:
         base = reset_peak_rss()
         violations.clear()

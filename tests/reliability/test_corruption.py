@@ -10,7 +10,7 @@ counts.  Then:
 - ``verify_checkpoint`` must report a problem (and ``cfs verify`` exits 1, saying DAMAGED,
   for a sample of trials);
 - ``load_checkpoint`` must raise a library error naming the checkpoint; for damage to a
-  chunk file it must name the leaf (or telemetry column) and the chunk;
+  chunk file it must name the leaf (or telemetry column, or pack) and the chunk;
 - a load that does not raise must return exactly the saved data.
 
 Classification, stated here so that it cannot drift: "detected" means verify reported a
@@ -251,7 +251,8 @@ def run_trials(tmp_path, trials: int, seed: int, figures: dict, capsys) -> None:
             assert isinstance(e, ComputableFlowsError)
             assert repr(cid) in msg, (what, msg)
             if where == "data" and kind in ("bitflip", "truncate", "zero", "delete", "swap"):
-                assert "chunk 'c" in msg and ("leaf state" in msg or "telemetry column" in msg), (what, msg)
+                names = ("leaf state", "telemetry column", ", pack packed/")
+                assert "chunk 'c" in msg and any(n in msg for n in names), (what, msg)
             assert not report.ok, f"{what}: load raised ({msg}) but verify reported nothing"
             outcome["detected by verify and by load"] += 1
         else:

@@ -14,6 +14,7 @@ import itertools
 import math
 import operator
 import os
+import re
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from computable_flows_shim._format.arrays import (
     read_failed,
     read_json,
 )
+from computable_flows_shim._format.dtypes import zarr_name
 from computable_flows_shim._format.io import REMOTE_POOL, run_all, run_batched
 from computable_flows_shim._format.root import crc32c_of, expected_crc, metadata_crcs, read_attrs
 from computable_flows_shim._format.tree import (
@@ -112,6 +114,11 @@ class StoredArray:
         if impl is not None and impl not in KEY_IMPLS:
             raise CheckpointFormatError(f"{self.where}: unknown PRNG key implementation {impl!r}")
         return impl
+
+    def read_block(self, coords: tuple[int, ...]) -> np.ndarray:
+        """One stored chunk (full chunk shape), checked: size, CRC32C, manifest."""
+        crc = self.crcs[int(np.ravel_multi_index(coords, self.layout.grid)) if coords else 0]
+        return read_chunk(self.layout, coords, self.dirpath, crc, self.where, self.mirror)
 
     def chunk_tasks(self, out: np.ndarray) -> list[Callable[[], None]]:
         return [
@@ -211,7 +218,115 @@ def _normalize_index(key: Any, shape: tuple[int, ...], name: str) -> list[int | 
     return out
 
 
-def read_region(stored: StoredArray, key: Any, name: str) -> tuple[np.ndarray, int]:
+_PACK_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _packed_int(v: Any, where: str, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise CheckpointFormatError(f"{where}: packed leaf {what} must be a non-negative integer, got {v!r}")
+    return v
+
+
+@dataclass
+class PackedLeaf:
+    """A state leaf stored in a pack: ``size`` elements at ``offset`` of ``pack``, read as an
+    array of one chunk (``layout``: the leaf's shape, one chunk of that shape)."""
+
+    where: str
+    pack: StoredArray
+    offset: int
+    layout: Layout
+    crc: int
+    attrs: dict
+
+    @classmethod
+    def of(cls, entry: Any, where: str, open_pack) -> PackedLeaf:
+        """Parse and check a node's ``packed`` member; ``open_pack(name)`` opens its pack."""
+        if not isinstance(entry, dict) or not isinstance(entry.get(S.TN_PACK_ARRAY), str):
+            raise CheckpointFormatError(f"{where}: malformed packed leaf {entry!r}")
+        rel = entry[S.TN_PACK_ARRAY]
+        if not _PACK_NAME.fullmatch(rel):
+            raise CheckpointFormatError(f"{where}: bad pack name {rel!r} (expected a data type name)")
+        shape = entry.get(S.TN_PACK_SHAPE)
+        if not isinstance(shape, list) or len(shape) > 64:
+            raise CheckpointFormatError(f"{where}: bad packed leaf shape {shape!r}")
+        shape = [_packed_int(n, where, "shape") for n in shape]
+        offset = _packed_int(entry.get(S.TN_PACK_OFFSET), where, "offset")
+        crc = _packed_int(entry.get(S.TN_PACK_CRC32C), where, "crc32c")
+        if crc >= 1 << 32:
+            raise CheckpointFormatError(f"{where}: packed leaf crc32c {crc} is not a 32-bit value")
+        pack = open_pack(rel)
+        lay = pack.layout
+        if lay.dtype is None or len(lay.shape) != 1 or zarr_name(lay.dtype) != rel:
+            raise CheckpointFormatError(f"{where}: pack {rel!r} must be a 1-D array of data type {rel!r}")
+        size = math.prod(shape)
+        if size == 0 or offset + size > lay.shape[0]:
+            raise CheckpointFormatError(
+                f"{where}: packed leaf of shape {shape} at offset {offset} does not fit its pack {rel!r} "
+                f"(shape {list(lay.shape)})"
+            )
+        attrs = {S.AA_KEY_IMPL: entry[S.AA_KEY_IMPL]} if S.AA_KEY_IMPL in entry else {}
+        return cls(where, pack, offset, Layout(tuple(shape), lay.dtype, tuple(shape)), crc, attrs)
+
+    # the stored-array interface (reader.StoredArray)
+    dirpath = property(lambda self: self.pack.dirpath)
+    mirror = property(lambda self: self.pack.mirror)
+    crcs = property(lambda self: [self.crc])
+
+    @property
+    def key_impl(self) -> str | None:
+        impl = self.attrs.get(S.AA_KEY_IMPL)
+        if impl is not None and impl not in KEY_IMPLS:
+            raise CheckpointFormatError(f"{self.where}: unknown PRNG key implementation {impl!r}")
+        return impl
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.layout.shape)
+
+    def pack_chunks(self) -> range:
+        """The pack chunks (grid indices) holding the leaf."""
+        (c,) = self.pack.layout.chunk_shape
+        return range(self.offset // c, (self.offset + self.size - 1) // c + 1)
+
+    @property
+    def label(self) -> str:
+        """``packed/float32[64:84]``: its pack and element range."""
+        return f"{S.PACKED_GROUP}/{os.path.basename(self.dirpath)}[{self.offset}:{self.offset + self.size}]"
+
+    @property
+    def nbytes(self) -> int:
+        assert self.layout.dtype is not None
+        return self.size * self.layout.dtype.itemsize
+
+    def check_backed(self) -> None:
+        """Nothing to check beyond its pack's (read with it)."""
+
+    def from_pack(self, flat: np.ndarray) -> np.ndarray:
+        """The leaf out of its whole pack's elements ``flat`` (a view), checked (:meth:`checked`)."""
+        return self.checked(flat[self.offset : self.offset + self.size])
+
+    def checked(self, part: np.ndarray) -> np.ndarray:
+        """The leaf's elements ``part`` in its shape, once their CRC32C matches the pytree's."""
+        got = crc32c_of(np.ascontiguousarray(part).view(np.uint8).data)
+        if got != self.crc:
+            raise CheckpointCorruptError(
+                f"{self.where}: packed leaf does not match its CRC32C in the pytree "
+                f"(got {got:#010x}, expected {self.crc:#010x})"
+            )
+        return part.reshape(self.layout.shape)
+
+    def read_block(self, coords: tuple[int, ...]) -> np.ndarray:
+        """The whole leaf (its one chunk), reading only the pack chunks it spans."""
+        part, _ = read_region(self.pack, slice(self.offset, self.offset + self.size), self.where)
+        return self.checked(part)
+
+
+Stored = StoredArray | PackedLeaf
+"""A state leaf's stored form: its own array, or its place in a pack (spec/FORMAT.md 8.2)."""
+
+
+def read_region(stored: Stored, key: Any, name: str) -> tuple[np.ndarray, int]:
     """``stored[key]`` for basic indexing (ints, slices with steps, ``...``), reading and
     checking only the chunks it touches; returns the result and how many chunks were read."""
     shape = stored.layout.shape
@@ -232,8 +347,7 @@ def read_region(stored: StoredArray, key: Any, name: str) -> tuple[np.ndarray, i
             else:
                 per_dim.append(sorted({i // c for i in r}))
         for coords in itertools.product(*per_dim):
-            crc = stored.crcs[int(np.ravel_multi_index(coords, layout.grid)) if coords else 0]
-            chunk = read_chunk(layout, coords, stored.dirpath, crc, stored.where, stored.mirror)
+            chunk = stored.read_block(coords)
             chunks_read += 1
             region = layout.region(coords)
             src, dst = [], []
@@ -259,7 +373,9 @@ def _relative(k: int | slice, r: range, lo: int) -> int | slice:
     return slice(r.start - lo, stop if stop >= 0 else None, r.step)
 
 
-def check_group_metadata(dirpath: str, prefix: str, skip: set[str], where: str, mirror: Mirror | None = None) -> None:
+def check_group_metadata(
+    dirpath: str, prefix: str | tuple[str, ...], skip: set[str], where: str, mirror: Mirror | None = None
+) -> None:
     """Check every checksummed zarr.json under ``prefix`` that is not in ``skip`` (the group
     documents a load does not otherwise read): a load detects damage anywhere in the
     metadata, not only in the files it needs."""
@@ -293,23 +409,27 @@ def _check_fits_in_memory(nbytes: int, where: str) -> None:
         raise CheckpointTooLargeError(f"{where}: restoring needs {nbytes} bytes, more than this machine's {total}")
 
 
-def read_arrays(arrays: list[StoredArray]) -> list[np.ndarray]:
-    for a in arrays:
+def read_arrays(arrays: Sequence[Stored]) -> list[np.ndarray]:
+    """Every array read whole and checked; packed leaves are views of their pack, read once."""
+    packs = list({id(a.pack): a.pack for a in arrays if isinstance(a, PackedLeaf)}.values())
+    plain = [a for a in arrays if isinstance(a, StoredArray)] + packs
+    for a in plain:
         a.check_backed()
-    if arrays:
-        _check_fits_in_memory(sum(a.nbytes for a in arrays), arrays[0].where.split(", leaf")[0])
-    outs = [a.empty(backed=True) for a in arrays]
-    if any(a.mirror is not None for a in arrays):
+    if plain:
+        _check_fits_in_memory(sum(a.nbytes for a in plain), plain[0].where.split(", leaf")[0])
+    outs = [a.empty(backed=True) for a in plain]
+    if any(a.mirror is not None for a in plain):
         # chunks of a remote checkpoint are fetched by these tasks: many requests in flight
-        run_all([t for a, o in zip(arrays, outs) for t in a.chunk_tasks(o)], REMOTE_POOL)
-        return outs
-    tasks, weights = [], []
-    for a, o in zip(arrays, outs):
-        chunk_tasks = a.chunk_tasks(o)
-        tasks += chunk_tasks
-        weights += [a.nbytes // max(1, len(chunk_tasks))] * len(chunk_tasks)
-    run_batched(tasks, weights)  # thousands of small chunks: one thread hand-off per batch, not per chunk
-    return outs
+        run_all([t for a, o in zip(plain, outs) for t in a.chunk_tasks(o)], REMOTE_POOL)
+    else:
+        tasks, weights = [], []
+        for a, o in zip(plain, outs):
+            chunk_tasks = a.chunk_tasks(o)
+            tasks += chunk_tasks
+            weights += [a.nbytes // max(1, len(chunk_tasks))] * len(chunk_tasks)
+        run_batched(tasks, weights)  # thousands of small chunks: one thread hand-off per batch, not per chunk
+    read = dict(zip((id(a) for a in plain), outs))
+    return [a.from_pack(read[id(a.pack)]) if isinstance(a, PackedLeaf) else read[id(a)] for a in arrays]
 
 
 def _leaf_where(checkpoint: str, kp: tuple) -> str:
@@ -318,27 +438,42 @@ def _leaf_where(checkpoint: str, kp: tuple) -> str:
 
 def state_leaves(
     dirpath: str, attrs: dict, checkpoint: str, check_metadata: bool = True, mirror: Mirror | None = None
-) -> list[tuple[tuple, dict, StoredArray | None]]:
+) -> list[tuple[tuple, dict, Stored | None]]:
     """The one walk from a checkpoint's state leaves to its stored arrays: ``(key path, tree
-    node, StoredArray or None for a Python scalar)`` in tree order, metadata parsed and
-    checked, no chunk read.  ``check_metadata``: also check every other checksummed
-    ``zarr.json`` of ``state/`` (a load does, to find damage anywhere in the metadata)."""
+    node, StoredArray, PackedLeaf, or None for a Python scalar)`` in tree order, metadata
+    parsed and checked, no chunk read (each pack opened once, shared by its leaves).
+    ``check_metadata``: also check every other checksummed ``zarr.json`` of ``state/`` (a
+    load does, to find damage anywhere in the metadata)."""
     state_dir = os.path.join(dirpath, S.STATE_GROUP)
-    out: list[tuple[tuple, dict, StoredArray | None]] = []
+    packed_dir = os.path.join(dirpath, S.PACKED_GROUP)
+    out: list[tuple[tuple, dict, Stored | None]] = []
     verified: set[str] = set()
+    packs: dict[str, StoredArray] = {}
+
+    def open_pack(name: str) -> StoredArray:
+        if name not in packs:
+            where = f"checkpoint {checkpoint!r}, pack {S.PACKED_GROUP}/{name}"
+            packs[name] = open_array(packed_dir, name, where, mirror, verified)
+        return packs[name]
+
     for kp, node in iter_leaf_nodes(attrs[S.A_TREE], where=f"checkpoint {checkpoint!r}"):
-        if node["kind"] == "array":
-            where = _leaf_where(checkpoint, kp)
-            out.append((kp, node, open_array(state_dir, node["path"], where, mirror, verified)))
-        else:
+        if node["kind"] != "array":
             out.append((kp, node, None))
+            continue
+        where = _leaf_where(checkpoint, kp)
+        if S.TN_PACKED in node:
+            out.append((kp, node, PackedLeaf.of(node[S.TN_PACKED], where, open_pack)))
+        else:
+            out.append((kp, node, open_array(state_dir, node["path"], where, mirror, verified)))
     if check_metadata:
-        arrays = {f"{S.STATE_GROUP}/{node['path']}/zarr.json" for _, node, s in out if s is not None}
-        check_group_metadata(dirpath, S.STATE_GROUP + "/", arrays, f"checkpoint {checkpoint!r}", mirror)
+        arrays = {f"{S.STATE_GROUP}/{node['path']}/zarr.json" for _, node, s in out if isinstance(s, StoredArray)}
+        arrays.update(f"{S.PACKED_GROUP}/{name}/zarr.json" for name in packs)
+        prefixes = (S.STATE_GROUP + "/", S.PACKED_GROUP + "/")
+        check_group_metadata(dirpath, prefixes, arrays, f"checkpoint {checkpoint!r}", mirror)
     return out
 
 
-def _finish_leaf(node: dict, arr: np.ndarray, stored: StoredArray, kp: tuple, checkpoint: str) -> Any:
+def _finish_leaf(node: dict, arr: np.ndarray, stored: Stored, kp: tuple, checkpoint: str) -> Any:
     impl = stored.key_impl
     if impl is not None:
         try:
@@ -396,7 +531,7 @@ def read_state(
             continue
         if kp in sharded:
             # each device reads only the chunks its shard touches: the whole array is never on the host
-            def region(index: Any, s: StoredArray = s, kp: tuple = kp) -> np.ndarray:
+            def region(index: Any, s: Stored = s, kp: tuple = kp) -> np.ndarray:
                 return read_region(s, index, keystr(kp))[0]
 
             leaves.append(jax.make_array_from_callback(s.layout.shape, expected.sharding, region))
@@ -476,7 +611,9 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
     try:
         attrs = read_attrs(dirpath, f"checkpoint {checkpoint!r}")
         crcs = metadata_crcs(dirpath, f"checkpoint {checkpoint!r}")
-        arrays = [s for _, _, s in state_leaves(dirpath, attrs, checkpoint) if s is not None]
+        leaves = [s for _, _, s in state_leaves(dirpath, attrs, checkpoint) if s is not None]
+        arrays = [s for s in leaves if isinstance(s, StoredArray)]
+        arrays += list({id(s.pack): s.pack for s in leaves if isinstance(s, PackedLeaf)}.values())
         tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
         arrays += [
             open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")
@@ -516,6 +653,8 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
 
 
 __all__ = [
+    "PackedLeaf",
+    "Stored",
     "StoredArray",
     "open_array",
     "read_region",

@@ -27,7 +27,7 @@ def dump_json(doc: dict) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
 
 
-def crc32c_of(data: bytes) -> int:
+def crc32c_of(data: bytes | memoryview) -> int:
     return _crc.crc32c(data)
 
 

@@ -1,4 +1,4 @@
-"""The on-disk names of the format (versions 1 and 2).  spec/FORMAT.md documents every
+"""The on-disk names of the format (versions 1, 2 and 3).  spec/FORMAT.md documents every
 name here; nothing else in the package spells an on-disk name."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import re
 from computable_flows_shim.errors import InvalidIterationError, InvalidRunIdError, InvalidTagError
 
 FORMAT_NAME = "computable-flows-shim.checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest format version this package reads and writes."""
 FORMAT_VERSION_UNCOMPRESSED = 1
 """What a checkpoint without a compressed array is written as: byte for byte what version 1
@@ -16,6 +16,9 @@ writers wrote, so that readers of version 1 keep reading it."""
 FORMAT_VERSION_COMPRESSED = 2
 """What a checkpoint with a compressed array (a ``zstd`` or ``blosc`` codec, spec/FORMAT.md
 section 8.1) is written as: a version 1 reader refuses it by its version, not halfway through."""
+FORMAT_VERSION_PACKED = 3
+"""What a checkpoint with packed leaves (spec/FORMAT.md section 8.2) is written as: small leaves
+stored together in one array per data type, which readers of versions 1 and 2 would not find."""
 
 # Group attributes of a checkpoint (spec/FORMAT.md, "Checkpoint attributes").
 A_FORMAT = "format"
@@ -42,6 +45,18 @@ AA_KEY_IMPL = "cfs_prng_key_impl"
 # Group names inside a checkpoint.
 STATE_GROUP = "state"
 TELEMETRY_GROUP = "telemetry"
+
+# Packed leaves (spec/FORMAT.md 8.2): small leaves stored in one 1-D array per data type,
+# ``packed/<data type name>`` (a group beside ``state/``), each leaf's place in its pytree
+# node's ``packed`` member.
+PACKED_GROUP = "packed"
+PACK_ALIGNMENT = 64
+"""A packed leaf starts at a multiple of this many bytes of its pack (zeros in between)."""
+TN_PACKED = "packed"
+TN_PACK_ARRAY = "array"
+TN_PACK_OFFSET = "offset"
+TN_PACK_SHAPE = "shape"
+TN_PACK_CRC32C = "crc32c"
 
 # Telemetry: the sample dimension is named after the iteration column so that
 # xarray makes it the index coordinate; events have their own dimension.

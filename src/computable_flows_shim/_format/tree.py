@@ -37,6 +37,7 @@ class Leaf:
     path: str
     array: np.ndarray | jax.Array  # a jax.Array only when sharded (see is_sharded)
     key_impl: str | None = None
+    node: dict | None = None  # its node in the pytree attribute (a packed leaf's place is written into it)
 
 
 def keystr(keypath: KeyPath) -> str:
@@ -197,10 +198,10 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
             return scalar
         if isinstance(x, (jax.Array, np.ndarray, np.generic)):
             arr, impl = _leaf_array(x, kp)
-            leaves.append(Leaf(kp, path or "%root", arr, impl))
             node: dict = {"kind": "array", "path": path or "%root"}
             if isinstance(x, np.generic):
                 node["numpy_scalar"] = True
+            leaves.append(Leaf(kp, path or "%root", arr, impl, node))
             return node
 
         def children(keys: list[Any], values: list[Any], names: list[str]) -> list[dict]:

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from computable_flows_shim._format import packing as P
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format import telemetry as T
 from computable_flows_shim._format.arrays import (
@@ -136,16 +137,23 @@ def shard_chunk_shape(
 @dataclass
 class _Array:
     path: str  # relative to the checkpoint root, '/'-separated
-    data: np.ndarray | ShardedData
+    data: np.ndarray | ShardedData | P.PackedData
     layout: Layout
     dims: list[str]
     attrs: dict
     compression: Compression | None = None  # asked for; ``layout.codec`` is what is written
 
 
-def _state_arrays(leaves: list[Leaf], compression: LeafPolicy | None = None) -> list[_Array]:
+def _state_arrays(leaves: list[Leaf], compression: LeafPolicy | None = None, pack_max_bytes: int = 0) -> list[_Array]:
+    """One array per leaf, except the uncompressed host leaves of at most ``pack_max_bytes``
+    bytes: those go into one pack per data type (spec/FORMAT.md 8.2), the packs last."""
     out = []
+    packs: dict[str, P.Pack] = {}
     for leaf in leaves:
+        asked = compression(leaf.path, leaf.array) if compression is not None else None
+        if asked is None and leaf.node is not None and P.packable(leaf.array, pack_max_bytes):
+            P.place(packs, leaf.node, np.asarray(leaf.array), leaf.key_impl)
+            continue
         attrs = {S.AA_KEY_IMPL: leaf.key_impl} if leaf.key_impl else {}
         a: np.ndarray | ShardedData
         if isinstance(leaf.array, jax.Array):  # sharded: chunk grid = shard blocks, written shard by shard
@@ -161,9 +169,11 @@ def _state_arrays(leaves: list[Leaf], compression: LeafPolicy | None = None) -> 
                 layout,
                 [f"{leaf.path}.d{i}" for i in range(len(a.shape))],
                 attrs,
-                compression(leaf.path, leaf.array) if compression is not None else None,
+                asked,
             )
         )
+    for pack in packs.values():
+        out.append(_Array(f"{S.PACKED_GROUP}/{pack.name}", pack.data(), pack.layout(), [f"{pack.name}.d0"], {}))
     return out
 
 
@@ -194,21 +204,23 @@ class Prepared:
         telemetry_history: Any,
         copy: bool = False,
         compression: LeafPolicy | None = None,
+        pack_max_bytes: int = 0,
     ) -> Prepared:
         """``compression``: each state leaf's :class:`Compression` (or None) from its path and
-        array (``codecs.compression_policy``); telemetry is never compressed."""
+        array (``codecs.compression_policy``); telemetry is never compressed.  Uncompressed
+        host leaves of at most ``pack_max_bytes`` bytes are packed (0: none)."""
         tree, leaves = flatten(state)
         cols, events = T.normalize(telemetry_history)
         attrs = {**attrs, S.A_TELEMETRY_SUMMARY: T.summarize(cols, events, attrs[S.A_ITERATION]), S.A_TREE: tree}
-        arrays = _state_arrays(leaves, compression) + _telemetry_arrays(cols, events)
+        arrays = _state_arrays(leaves, compression, pack_max_bytes) + _telemetry_arrays(cols, events)
         if copy:  # the snapshot of an async save: numpy copies release the GIL, so copy in parallel
-            plain = [a for a in arrays if not isinstance(a.data, ShardedData)]
+            plain = [a for a in arrays if isinstance(a.data, np.ndarray)]
             sizes = [a.data.nbytes for a in plain]
             copies = run_batched([partial(np.array, a.data, copy=True) for a in plain], sizes)
             for a, c in zip(plain, copies):
                 a.data = c
             for a in arrays:
-                if isinstance(a.data, ShardedData):
+                if isinstance(a.data, (ShardedData, P.PackedData)):
                     a.data = a.data.snapshot()
         return cls(attrs, arrays)
 
@@ -315,8 +327,16 @@ def _write_block(
 
 
 def _write_one(
-    data: np.ndarray, layout: Layout, coords: tuple[int, ...], adir: str, durable: bool, base: tuple[str, int] | None
+    data: np.ndarray | P.PackedData,
+    layout: Layout,
+    coords: tuple[int, ...],
+    adir: str,
+    durable: bool,
+    base: tuple[str, int] | None,
 ) -> list[tuple[tuple[int, ...], int, int]]:
+    if isinstance(data, P.PackedData):
+        path = os.path.join(adir, layout.key(coords))
+        return [(coords, *store_chunk(data.chunk_buffers(layout, coords), path, durable, base))]
     return [(coords, *write_chunk(data, layout, coords, adir, durable, base))]
 
 
@@ -353,6 +373,7 @@ def _decide_codec(
         host = np.require(np.asarray(_origin_block(arr.data)), requirements="C")
         layout = Layout(host.shape, arr.layout.dtype, arr.layout.chunk_shape, arr.layout.separator)
     else:
+        assert isinstance(arr.data, np.ndarray)  # packs are never compressed
         host, layout = arr.data, arr.layout
     raw = raw_chunk_buffers(host, layout, origin)
     joined = raw[0] if len(raw) == 1 else b"".join(raw)
@@ -474,6 +495,8 @@ def write_metadata(dirpath: str, prepared: Prepared, crcs: dict[str, dict[int, i
 
     if any(a.layout.codec is not None for a in arrays):  # readable only by readers of the codecs
         attrs = {**attrs, S.A_FORMAT_VERSION: max(attrs[S.A_FORMAT_VERSION], S.FORMAT_VERSION_COMPRESSED)}
+    if any(isinstance(a.data, P.PackedData) for a in arrays):  # readable only by readers of packs
+        attrs = {**attrs, S.A_FORMAT_VERSION: max(attrs[S.A_FORMAT_VERSION], S.FORMAT_VERSION_PACKED)}
     docs: dict[str, dict] = {p: m for p, m in metas.items()}
     for g in groups - {""}:
         docs[g] = group_metadata({}, consolidated(g) if g in (S.STATE_GROUP, S.TELEMETRY_GROUP) else None)

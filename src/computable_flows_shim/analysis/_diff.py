@@ -23,7 +23,7 @@ from computable_flows_shim._display import diff_html, diff_text
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format.tree import KeyPath, keystr, scalar_value
 from computable_flows_shim._types import CheckpointId
-from computable_flows_shim.checkpoints._view import CheckpointView, LazyArray, StoredArray
+from computable_flows_shim.checkpoints._view import CheckpointView, LazyArray, PackedLeaf, Stored, StoredArray
 
 if TYPE_CHECKING:
     from computable_flows_shim.checkpoints._manager import CheckpointManager
@@ -143,11 +143,11 @@ class CheckpointDiff:
         return diff_html(self)
 
 
-def _nodes(view: CheckpointView) -> dict[KeyPath, tuple[dict, StoredArray | None]]:
+def _nodes(view: CheckpointView) -> dict[KeyPath, tuple[dict, Stored | None]]:
     return {kp: (node, stored) for kp, node, stored in view.leaves()}
 
 
-def _dtype_name(s: StoredArray) -> str:
+def _dtype_name(s: Stored) -> str:
     return s.layout.dtype.name if s.layout.dtype is not None else "string"
 
 
@@ -183,15 +183,18 @@ def _compare_blocks(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
     return n, float(d.max())
 
 
-def _compare_arrays(sa: StoredArray, sb: StoredArray, va: CheckpointView, vb: CheckpointView):
+def _compare_arrays(sa: Stored, sb: Stored, va: CheckpointView, vb: CheckpointView):
     la, lb = sa.layout, sb.layout
     same_layout = la.chunk_shape == lb.chunk_shape and la.separator == lb.separator
     lazy_b = LazyArray(sb, sb.where, (vb.path, vb.checkpoint_id))
     changed, worst, read = 0, 0.0, 0
     for coords in la.coords():
         key = la.key(coords)
-        if same_layout and _same_file(os.path.join(sa.dirpath, key), os.path.join(sb.dirpath, key)):
-            continue  # one immutable file in both checkpoints
+        if isinstance(sa, StoredArray) and isinstance(sb, StoredArray):
+            if same_layout and _same_file(os.path.join(sa.dirpath, key), os.path.join(sb.dirpath, key)):
+                continue  # one immutable file in both checkpoints
+        elif _same_packed(va, sa, vb, sb):
+            continue  # the same place in the same immutable pack chunk files
         block_a = va.read_block(sa, coords)
         if same_layout:
             block_b = vb.read_block(sb, coords)
@@ -202,6 +205,15 @@ def _compare_arrays(sa: StoredArray, sb: StoredArray, va: CheckpointView, vb: Ch
         changed += n
         worst = math.nan if math.isnan(d) or math.isnan(worst) else max(worst, d)
     return changed, worst, read
+
+
+def _same_packed(va: CheckpointView, sa: Stored, vb: CheckpointView, sb: Stored) -> bool:
+    """Two packed leaves at the same offset of the same local pack chunk files (a rollback, or
+    an incremental save that linked them)."""
+    if not (isinstance(sa, PackedLeaf) and isinstance(sb, PackedLeaf)) or va.mirror or vb.mirror:
+        return False
+    ia = va.chunk_identity(sa, ())
+    return ia is not None and ia == vb.chunk_identity(sb, ()) and sa.crc == sb.crc
 
 
 def _compare_scalars(kp: KeyPath, x: Any, y: Any) -> LeafDiff:

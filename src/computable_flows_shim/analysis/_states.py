@@ -22,7 +22,9 @@ disagrees with gets its own task, and raises.  Chunks with equal bytes that are 
 (written twice) are read twice: equal CRC32C and size are no proof of equal bytes, and the
 graph never substitutes one chunk's bytes for another's.  On an object store the server-side
 copy of an unchanged chunk is not fetched itself: its bytes are the ones its record's
-SHA-256 names (``verify_checkpoint`` reads every object).
+SHA-256 names (``verify_checkpoint`` reads every object).  A packed leaf (spec/FORMAT.md
+8.2) is one block, keyed by the pack chunk files it lies in and its place in them: a pack
+chunk is read once per distinct leaf in it, and a linked pack is not read again.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from computable_flows_shim._format.tree import keystr
 from computable_flows_shim._types import CheckpointId, RunId
 from computable_flows_shim.checkpoints._lineage import runs_from_infos
 from computable_flows_shim.checkpoints._records import CheckpointInfo
-from computable_flows_shim.checkpoints._view import CheckpointView, StoredArray
+from computable_flows_shim.checkpoints._view import CheckpointView, Stored
 from computable_flows_shim.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -71,9 +73,7 @@ def _dask():
         from dask.base import tokenize
         from dask.highlevelgraph import HighLevelGraph
     except ImportError as e:
-        raise MissingDependencyError(
-            "run states are dask arrays: pip install 'computable-flows-shim[analysis]'"
-        ) from e
+        raise MissingDependencyError("run states are dask arrays: pip install 'computable-flows-shim[analysis]'") from e
     return da, tokenize, HighLevelGraph
 
 
@@ -83,7 +83,7 @@ def _dask():
 @dataclass(frozen=True)
 class _Opened:
     view: CheckpointView
-    leaves: dict[str, tuple[tuple, StoredArray]]  # stored path -> (key path, stored array)
+    leaves: dict[str, tuple[tuple, Stored]]  # stored path -> (key path, stored array)
 
     @property
     def info(self) -> CheckpointInfo:
@@ -165,7 +165,7 @@ class _Opener:
 # ---------------------------------------------------------------- the dask graph
 
 
-def _read_block(view: CheckpointView, stored: StoredArray, coords: tuple[int, ...], lead: int, dtype: Any) -> Any:
+def _read_block(view: CheckpointView, stored: Stored, coords: tuple[int, ...], lead: int, dtype: Any) -> Any:
     """One distinct stored chunk, read and checked (a task; module level so that it pickles)."""
     block = view.read_block(stored, coords)
     if dtype is not None:
@@ -203,7 +203,7 @@ class _Leaf:
     key_impl: str | None
 
 
-def _describe(path: str, kp: tuple, s: StoredArray) -> _Leaf:
+def _describe(path: str, kp: tuple, s: Stored) -> _Leaf:
     lay = s.layout
     dtype = lay.dtype if lay.dtype is not None else np.dtype(object)
     return _Leaf(path, kp, lay.shape, dtype, lay.chunk_shape, lay.grid, s.key_impl)

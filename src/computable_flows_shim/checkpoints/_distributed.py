@@ -151,12 +151,14 @@ def save(
     durable: bool,
     base_dir: str | None,
     compression: LeafPolicy | None = None,
+    pack_max_bytes: int = 0,
 ) -> _writer.WriteStats:
     """One multi-process save; every process calls it with the same arguments.  ``durable``:
     fsync what is written into the staging area; ``base_dir``: the run's previous checkpoint
     (incremental saves); ``compression``: each leaf's compression (an array spread over several
     processes is compressed as asked, without the switch-off rule: all its chunks share one
-    codec).  Returns what was written, all processes counted on process 0."""
+    codec); ``pack_max_bytes``: host leaves packed (every process plans the same packs; process
+    0 writes them).  Returns what was written, all processes counted on process 0."""
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"distributed_timeout must be a positive number of seconds, got {timeout!r}")
     if type(store).join_staging is Store.join_staging:
@@ -172,6 +174,7 @@ def save(
         durable,
         base_dir,
         compression,
+        pack_max_bytes,
     )
     if pid != 0:
         return _save_part(job, pid, attrs, state, telemetry_history)
@@ -194,6 +197,7 @@ class _Job:
     durable: bool
     base_dir: str | None
     compression: LeafPolicy | None = None
+    pack_max_bytes: int = 0
 
 
 def _save_part(job: _Job, pid: int, attrs: dict, state: Any, telemetry_history: Any) -> _writer.WriteStats:
@@ -203,7 +207,9 @@ def _save_part(job: _Job, pid: int, attrs: dict, state: Any, telemetry_history: 
     own_error: BaseException | None = None
     stats = _writer.WriteStats()
     try:
-        prepared = _writer.Prepared.of(attrs, state, telemetry_history, compression=job.compression)
+        prepared = _writer.Prepared.of(
+            attrs, state, telemetry_history, compression=job.compression, pack_max_bytes=job.pack_max_bytes
+        )
         ref = _get(client, f"{prefix}/staging", job.timeout, what)
         if ref.startswith("!"):
             raise DistributedSaveError(f"{what}: process 0 failed before writing: {ref[1:]}")
@@ -270,7 +276,9 @@ def _save_and_commit(job: _Job, nproc: int, attrs: dict, state: Any, telemetry_h
             if store.exists(cid):
                 raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {store}")
             tmp, commit = staging.enter_context(store.staging(cid, job.durable))
-            prepared = _writer.Prepared.of(attrs, state, telemetry_history, compression=job.compression)
+            prepared = _writer.Prepared.of(
+                attrs, state, telemetry_history, compression=job.compression, pack_max_bytes=job.pack_max_bytes
+            )
             _writer.make_dirs(tmp, prepared)
             ref = store.staging_ref(tmp)
             client.key_value_set(f"{prefix}/staging", ref)

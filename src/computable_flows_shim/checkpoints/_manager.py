@@ -28,6 +28,7 @@ from computable_flows_shim._format import writer as _writer
 from computable_flows_shim._format.arrays import Mirror
 from computable_flows_shim._format.codecs import CompressionOption, compression_policy
 from computable_flows_shim._format.jsonattrs import to_json
+from computable_flows_shim._format.packing import PACK_MAX_BYTES
 from computable_flows_shim._types import CheckpointId, PyTree, RunId, Step
 from computable_flows_shim.checkpoints import _distributed, _lineage, _retention
 from computable_flows_shim.checkpoints._records import CheckpointInfo, VerifyReport
@@ -89,6 +90,12 @@ class CheckpointManager:
     shrink by ``Compression.min_saving`` (10 %) is written uncompressed; a checkpoint with a
     compressed array is format version 2 (README, "Compression").
 
+    ``pack_max_bytes`` (default 64 KiB): uncompressed state leaves of at most this many bytes
+    are stored together, one array per data type under ``packed/`` (spec/FORMAT.md
+    8.2), so that thousands of small leaves (biases, norms, optimizer counts) cost a few files
+    instead of a directory and two files each; 0 gives every leaf its own array.  A
+    checkpoint with packed leaves is format version 3.
+
     Example::
 
         >>> import numpy as np, tempfile
@@ -107,8 +114,11 @@ class CheckpointManager:
         durable: bool = True,
         retention: RetentionPolicy | None = None,
         compression: CompressionOption = None,
+        pack_max_bytes: int = PACK_MAX_BYTES,
     ) -> None:
         policy = compression_policy(compression)  # a bad value fails here, before the store is touched
+        if isinstance(pack_max_bytes, bool) or not isinstance(pack_max_bytes, int) or pack_max_bytes < 0:
+            raise ValueError(f"pack_max_bytes must be a non-negative int (0: no packing), got {pack_max_bytes!r}")
         self.store: Store
         if isinstance(root, Store):
             self.store = root
@@ -120,6 +130,8 @@ class CheckpointManager:
         self.compression = compression
         """Default ``compression`` of :meth:`create_checkpoint` (see the class docstring)."""
         self._compression = policy
+        self.pack_max_bytes = pack_max_bytes
+        """State leaves of at most this many bytes are packed (see the class docstring)."""
         self.retention = retention
         """Default policy of :meth:`apply_retention`, applied to a run after each of its saves."""
         self.store.cleanup_stale()
@@ -230,12 +242,15 @@ class CheckpointManager:
                 durable=self._fsync_staging,
                 base_dir=self._base_dir(run_id),
                 compression=policy,
+                pack_max_bytes=self.pack_max_bytes,
             )
             self._saved(run_id, cid, stats, apply_retention=_distributed.is_primary())
             return cid
         if self.store.exists(cid):
             raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {self.store}")
-        prepared = _writer.Prepared.of(attrs, state, telemetry_history, copy=not blocking, compression=policy)
+        prepared = _writer.Prepared.of(
+            attrs, state, telemetry_history, copy=not blocking, compression=policy, pack_max_bytes=self.pack_max_bytes
+        )
         job = partial(self._save, run_id, cid, prepared, self._base_dir(run_id))
         if blocking:
             job()

@@ -17,8 +17,8 @@ import numpy as np
 from computable_flows_shim import _display as _repr
 from computable_flows_shim._format import reader as _reader
 from computable_flows_shim._format import spec as S
-from computable_flows_shim._format.arrays import Mirror, mirror_rel, read_chunk
-from computable_flows_shim._format.reader import StoredArray
+from computable_flows_shim._format.arrays import Mirror, mirror_rel
+from computable_flows_shim._format.reader import PackedLeaf, Stored, StoredArray
 from computable_flows_shim._format.tree import KeyPath, keystr, scalar_value, unflatten
 from computable_flows_shim._types import PyTree
 from computable_flows_shim.errors import (
@@ -57,7 +57,7 @@ class LazyArray:
     which implementation).
     """
 
-    def __init__(self, stored: StoredArray, name: str, checkpoint: tuple[str, str] | None = None) -> None:
+    def __init__(self, stored: Stored, name: str, checkpoint: tuple[str, str] | None = None) -> None:
         self._s = stored
         self.name = name
         self.chunks_read = 0
@@ -111,7 +111,8 @@ class LazyArray:
 class LeafInfo:
     """One leaf of a checkpoint's state.
 
-    ``kind`` is ``"array"`` (stored at ``state/<path>``) or ``"scalar"`` (a Python scalar
+    ``kind`` is ``"array"`` (stored at ``state/<path>``, or in a pack: ``packed`` names it and
+    the leaf's element range, ``"packed/float32[64:84]"``) or ``"scalar"`` (a Python scalar
     kept in the ``pytree`` attribute: ``value``).  For arrays: ``chunk_shape``, ``grid``
     (chunks per dimension), ``nbytes`` (in memory) and ``disk_bytes`` (its chunk files
     and ``zarr.json``, hard links counted as files).  PRNG-key leaves are described by
@@ -129,6 +130,7 @@ class LeafInfo:
     disk_bytes: int = 0
     key_impl: str | None = None
     value: Any = field(default=None, compare=False)
+    packed: str | None = None
 
     @property
     def name(self) -> str:
@@ -145,7 +147,7 @@ class LeafInfo:
         return {
             "leaf": self.name,
             "kind": "array",
-            "path": f"{S.STATE_GROUP}/{self.path}",
+            "path": self.packed or f"{S.STATE_GROUP}/{self.path}",
             "shape": list(self.shape),
             "dtype": self.dtype,
             "chunks": list(self.chunk_shape),
@@ -220,24 +222,28 @@ class CheckpointView:
         """The state as a dask-backed ``xarray.DataTree`` (see :func:`computable_flows_shim.state_datatree`)."""
         return state_datatree(self)
 
-    def leaves(self) -> list[tuple[KeyPath, dict, StoredArray | None]]:
+    def leaves(self) -> list[tuple[KeyPath, dict, Stored | None]]:
         """``(key path, tree node, stored array or None for a Python scalar)`` for every leaf,
         in tree order, from metadata alone: the walk that diff, xarray, export and
         :meth:`describe_leaves` share."""
         with deleted_while_reading(self.path, self.checkpoint_id):
             return _reader.state_leaves(self.path, self.attrs, self.checkpoint_id, False, self.mirror)
 
-    def read_block(self, stored: StoredArray, coords: tuple[int, ...]) -> np.ndarray:
-        """One stored chunk of a leaf (from :meth:`leaves`), checked (size, CRC32C, manifest)."""
-        crc = stored.crcs[int(np.ravel_multi_index(coords, stored.layout.grid)) if coords else 0]
+    def read_block(self, stored: Stored, coords: tuple[int, ...]) -> np.ndarray:
+        """One stored chunk of a leaf (from :meth:`leaves`), checked (size, CRC32C, manifest);
+        a packed leaf is one chunk, the whole leaf."""
         with deleted_while_reading(self.path, self.checkpoint_id):
-            return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where, stored.mirror)
+            return stored.read_block(coords)
 
-    def chunk_identity(self, stored: StoredArray, coords: tuple[int, ...]) -> tuple | None:
+    def chunk_identity(self, stored: Stored, coords: tuple[int, ...]) -> tuple | None:
         """What identifies one stored chunk's bytes without reading them (None: nothing does):
         ``("file", device, inode, size)`` locally, where a hard link (incremental saves,
         rollbacks) is one immutable file; ``("sha256", digest, size)`` for a remote object
-        whose commit record gives its SHA-256 (unchanged chunks are server-side copies)."""
+        whose commit record gives its SHA-256 (unchanged chunks are server-side copies).
+        A packed leaf: the identities of the pack chunks it spans, and its place in them."""
+        if isinstance(stored, PackedLeaf):
+            parts = [self.chunk_identity(stored.pack, (i,)) for i in stored.pack_chunks()]
+            return None if None in parts else ("packed", stored.offset, stored.size, *parts)
         path = os.path.join(stored.dirpath, *stored.layout.key(coords).split("/"))
         rel = mirror_rel(self.mirror, path)
         if self.mirror is not None and rel is not None:
@@ -273,8 +279,9 @@ class CheckpointView:
                     lay.chunk_shape,
                     lay.grid,
                     math.prod(lay.shape) * (lay.dtype.itemsize if lay.dtype is not None else 0),
-                    _tree_bytes(stored.dirpath) if disk else 0,
+                    (stored.nbytes if isinstance(stored, PackedLeaf) else _tree_bytes(stored.dirpath)) if disk else 0,
                     stored.key_impl,
+                    packed=stored.label if isinstance(stored, PackedLeaf) else None,
                 )
             )
         return out
@@ -322,10 +329,10 @@ class CheckpointView:
 # ``xr.open_zarr`` and ``da.from_zarr`` read our arrays too (spec/FORMAT.md), but through
 # zarr-python, which returns the fill value for a missing chunk and never looks at the
 # per-chunk CRC manifest: damage would be read as zeros.  The views here build each dask
-# chunk from exactly one stored chunk with ``read_chunk``, which checks the size, the CRC32C
-# trailer and the manifest, so a damaged checkpoint raises CheckpointCorruptError naming the
-# leaf and chunk, even deep inside a dask reduction.  One dask chunk per stored chunk keeps
-# reductions out of core.
+# chunk from exactly one stored chunk (a packed leaf: the whole leaf) with ``read_block``,
+# which checks the size, the CRC32C trailer and the manifest, so a damaged checkpoint raises
+# CheckpointCorruptError naming the leaf and chunk, even deep inside a dask reduction.  One
+# dask chunk per stored chunk keeps reductions out of core.
 
 
 def _dask_array_module():
@@ -338,13 +345,13 @@ def _dask_array_module():
     return da
 
 
-def _read_block(stored: StoredArray, coords: tuple[int, ...], crc: int, checkpoint: tuple[str, str]):
+def _read_block(stored: Stored, coords: tuple[int, ...], crc: int, checkpoint: tuple[str, str]):
     """One dask chunk: one stored chunk, checked (a task; module level so that it pickles)."""
     with deleted_while_reading(*checkpoint):
-        return read_chunk(stored.layout, coords, stored.dirpath, crc, stored.where, stored.mirror)
+        return stored.read_block(coords)
 
 
-def _dask_from_stored(stored: StoredArray, name: str, checkpoint: tuple[str, str]) -> dask.array.Array:
+def _dask_from_stored(stored: Stored, name: str, checkpoint: tuple[str, str]) -> dask.array.Array:
     da = _dask_array_module()
     from dask.base import tokenize
     from dask.highlevelgraph import HighLevelGraph
@@ -479,6 +486,8 @@ def describe_leaves(view: CheckpointView, *, disk: bool = True) -> list[LeafInfo
 __all__ = [
     "CheckpointView",
     "LazyArray",
+    "PackedLeaf",
+    "Stored",
     "StoredArray",
     "LeafInfo",
     "describe_leaves",
