@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -56,6 +56,10 @@ class PackedData:
         (c,) = layout.chunk_shape
         lo, hi = coords[0] * c, min((coords[0] + 1) * c, self.length)
         i = max(0, bisect.bisect_right(self._starts, lo) - 1)
+        off, a = self.pieces[i]
+        if off <= lo and hi <= off + a.size:  # one piece holds the chunk (an async save's snapshot): no copy
+            flat = a.reshape(-1).view(np.uint8)[(lo - off) * self.itemsize : (hi - off) * self.itemsize]
+            return [flat.data] + ([bytes((c - (hi - lo)) * self.itemsize)] if hi - lo < c else [])
         out = np.zeros(c * self.itemsize, np.uint8)
         for off, a in self.pieces[i:]:
             if off >= hi:
@@ -104,7 +108,7 @@ class Pack:
         return Layout((self.length,), self.dtype, (-(-self.length // nchunks),))
 
 
-def packable(array: Any, max_bytes: int) -> bool:
+def packable(array: Any, max_bytes: int) -> TypeGuard[np.ndarray]:
     """Whether a leaf is packed: a host (numpy) array of 1 to ``max_bytes`` bytes."""
     return isinstance(array, np.ndarray) and 0 < array.nbytes <= max_bytes
 

@@ -96,6 +96,14 @@ def _safe_join(root: str, relpath: str, where: str, verified: set[str] | None = 
     return path
 
 
+def _key_impl(attrs: dict, where: str) -> str | None:
+    """The PRNG key implementation ``attrs`` names (``cfs_prng_key_impl``), if one the format knows."""
+    impl = attrs.get(S.AA_KEY_IMPL)
+    if impl is not None and impl not in KEY_IMPLS:
+        raise CheckpointFormatError(f"{where}: unknown PRNG key implementation {impl!r}")
+    return impl
+
+
 @dataclass
 class StoredArray:
     """An array of a checkpoint, its metadata parsed and checked, bytes not read."""
@@ -108,12 +116,7 @@ class StoredArray:
     mirror: Mirror | None = None
     """Where a remote checkpoint's chunks come from (None: a local directory)."""
 
-    @property
-    def key_impl(self) -> str | None:
-        impl = self.attrs.get(S.AA_KEY_IMPL)
-        if impl is not None and impl not in KEY_IMPLS:
-            raise CheckpointFormatError(f"{self.where}: unknown PRNG key implementation {impl!r}")
-        return impl
+    key_impl = property(lambda self: _key_impl(self.attrs, self.where))
 
     def read_block(self, coords: tuple[int, ...]) -> np.ndarray:
         """One stored chunk (full chunk shape), checked: size, CRC32C, manifest."""
@@ -273,12 +276,7 @@ class PackedLeaf:
     mirror = property(lambda self: self.pack.mirror)
     crcs = property(lambda self: [self.crc])
 
-    @property
-    def key_impl(self) -> str | None:
-        impl = self.attrs.get(S.AA_KEY_IMPL)
-        if impl is not None and impl not in KEY_IMPLS:
-            raise CheckpointFormatError(f"{self.where}: unknown PRNG key implementation {impl!r}")
-        return impl
+    key_impl = property(lambda self: _key_impl(self.attrs, self.where))
 
     @property
     def size(self) -> int:
@@ -409,10 +407,15 @@ def _check_fits_in_memory(nbytes: int, where: str) -> None:
         raise CheckpointTooLargeError(f"{where}: restoring needs {nbytes} bytes, more than this machine's {total}")
 
 
+def stored_arrays(leaves: Sequence[Stored]) -> list[StoredArray]:
+    """The arrays holding ``leaves``: their own, then each pack once."""
+    packs = {id(a.pack): a.pack for a in leaves if isinstance(a, PackedLeaf)}
+    return [a for a in leaves if isinstance(a, StoredArray)] + list(packs.values())
+
+
 def read_arrays(arrays: Sequence[Stored]) -> list[np.ndarray]:
     """Every array read whole and checked; packed leaves are views of their pack, read once."""
-    packs = list({id(a.pack): a.pack for a in arrays if isinstance(a, PackedLeaf)}.values())
-    plain = [a for a in arrays if isinstance(a, StoredArray)] + packs
+    plain = stored_arrays(arrays)
     for a in plain:
         a.check_backed()
     if plain:
@@ -611,9 +614,7 @@ def verify_group(dirpath: str, checkpoint: str) -> list[str]:
     try:
         attrs = read_attrs(dirpath, f"checkpoint {checkpoint!r}")
         crcs = metadata_crcs(dirpath, f"checkpoint {checkpoint!r}")
-        leaves = [s for _, _, s in state_leaves(dirpath, attrs, checkpoint) if s is not None]
-        arrays = [s for s in leaves if isinstance(s, StoredArray)]
-        arrays += list({id(s.pack): s.pack for s in leaves if isinstance(s, PackedLeaf)}.values())
+        arrays = stored_arrays([s for _, _, s in state_leaves(dirpath, attrs, checkpoint) if s is not None])
         tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
         arrays += [
             open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}")

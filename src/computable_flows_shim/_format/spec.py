@@ -11,8 +11,8 @@ FORMAT_NAME = "computable-flows-shim.checkpoint"
 FORMAT_VERSION = 3
 """The newest format version this package reads and writes."""
 FORMAT_VERSION_UNCOMPRESSED = 1
-"""What a checkpoint without a compressed array is written as: byte for byte what version 1
-writers wrote, so that readers of version 1 keep reading it."""
+"""What a checkpoint with neither a compressed array nor packed leaves is written as: byte for
+byte what version 1 writers wrote, so that readers of version 1 keep reading it."""
 FORMAT_VERSION_COMPRESSED = 2
 """What a checkpoint with a compressed array (a ``zstd`` or ``blosc`` codec, spec/FORMAT.md
 section 8.1) is written as: a version 1 reader refuses it by its version, not halfway through."""

@@ -36,8 +36,8 @@ class Leaf:
     keypath: KeyPath
     path: str
     array: np.ndarray | jax.Array  # a jax.Array only when sharded (see is_sharded)
+    node: dict  # its node in the pytree attribute (a packed leaf's place is written into it)
     key_impl: str | None = None
-    node: dict | None = None  # its node in the pytree attribute (a packed leaf's place is written into it)
 
 
 def keystr(keypath: KeyPath) -> str:
@@ -201,7 +201,7 @@ def flatten(state: PyTree) -> tuple[dict, list[Leaf]]:
             node: dict = {"kind": "array", "path": path or "%root"}
             if isinstance(x, np.generic):
                 node["numpy_scalar"] = True
-            leaves.append(Leaf(kp, path or "%root", arr, impl, node))
+            leaves.append(Leaf(kp, path or "%root", arr, node, impl))
             return node
 
         def children(keys: list[Any], values: list[Any], names: list[str]) -> list[dict]:

@@ -151,8 +151,8 @@ def _state_arrays(leaves: list[Leaf], compression: LeafPolicy | None = None, pac
     packs: dict[str, P.Pack] = {}
     for leaf in leaves:
         asked = compression(leaf.path, leaf.array) if compression is not None else None
-        if asked is None and leaf.node is not None and P.packable(leaf.array, pack_max_bytes):
-            P.place(packs, leaf.node, np.asarray(leaf.array), leaf.key_impl)
+        if asked is None and P.packable(leaf.array, pack_max_bytes):
+            P.place(packs, leaf.node, leaf.array, leaf.key_impl)
             continue
         attrs = {S.AA_KEY_IMPL: leaf.key_impl} if leaf.key_impl else {}
         a: np.ndarray | ShardedData

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from computable_flows_shim._display import diff_html, diff_text
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format.tree import KeyPath, keystr, scalar_value
 from computable_flows_shim._types import CheckpointId
-from computable_flows_shim.checkpoints._view import CheckpointView, LazyArray, PackedLeaf, Stored, StoredArray
+from computable_flows_shim.checkpoints._view import CheckpointView, LazyArray, Stored
 
 if TYPE_CHECKING:
     from computable_flows_shim.checkpoints._manager import CheckpointManager
@@ -151,12 +150,14 @@ def _dtype_name(s: Stored) -> str:
     return s.layout.dtype.name if s.layout.dtype is not None else "string"
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        sa, sb = os.lstat(a), os.lstat(b)
-    except OSError:
+def _same_chunk(va: CheckpointView, sa: Stored, vb: CheckpointView, sb: Stored, coords: tuple[int, ...]) -> bool:
+    """Whether the chunk at ``coords`` is one immutable local file in both checkpoints (hard-linked
+    by an incremental save or a rollback), or, for packed leaves, the same place in the same pack
+    chunk files: nothing to read.  A mirror's files are never shared between checkpoints."""
+    if va.mirror is not None or vb.mirror is not None:
         return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    ia = va.chunk_identity(sa, coords)
+    return ia is not None and ia == vb.chunk_identity(sb, coords)
 
 
 def _compare_blocks(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
@@ -189,12 +190,8 @@ def _compare_arrays(sa: Stored, sb: Stored, va: CheckpointView, vb: CheckpointVi
     lazy_b = LazyArray(sb, sb.where, (vb.path, vb.checkpoint_id))
     changed, worst, read = 0, 0.0, 0
     for coords in la.coords():
-        key = la.key(coords)
-        if isinstance(sa, StoredArray) and isinstance(sb, StoredArray):
-            if same_layout and _same_file(os.path.join(sa.dirpath, key), os.path.join(sb.dirpath, key)):
-                continue  # one immutable file in both checkpoints
-        elif _same_packed(va, sa, vb, sb):
-            continue  # the same place in the same immutable pack chunk files
+        if same_layout and _same_chunk(va, sa, vb, sb, coords):
+            continue
         block_a = va.read_block(sa, coords)
         if same_layout:
             block_b = vb.read_block(sb, coords)
@@ -205,15 +202,6 @@ def _compare_arrays(sa: Stored, sb: Stored, va: CheckpointView, vb: CheckpointVi
         changed += n
         worst = math.nan if math.isnan(d) or math.isnan(worst) else max(worst, d)
     return changed, worst, read
-
-
-def _same_packed(va: CheckpointView, sa: Stored, vb: CheckpointView, sb: Stored) -> bool:
-    """Two packed leaves at the same offset of the same local pack chunk files (a rollback, or
-    an incremental save that linked them)."""
-    if not (isinstance(sa, PackedLeaf) and isinstance(sb, PackedLeaf)) or va.mirror or vb.mirror:
-        return False
-    ia = va.chunk_identity(sa, ())
-    return ia is not None and ia == vb.chunk_identity(sb, ()) and sa.crc == sb.crc
 
 
 def _compare_scalars(kp: KeyPath, x: Any, y: Any) -> LeafDiff:

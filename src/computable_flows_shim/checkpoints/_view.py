@@ -115,8 +115,8 @@ class LeafInfo:
     the leaf's element range, ``"packed/float32[64:84]"``) or ``"scalar"`` (a Python scalar
     kept in the ``pytree`` attribute: ``value``).  For arrays: ``chunk_shape``, ``grid``
     (chunks per dimension), ``nbytes`` (in memory) and ``disk_bytes`` (its chunk files
-    and ``zarr.json``, hard links counted as files).  PRNG-key leaves are described by
-    their raw key data, ``key_impl`` names the implementation.
+    and ``zarr.json``, hard links counted as files; a packed leaf: its bytes in the pack).
+    PRNG-key leaves are described by their raw key data, ``key_impl`` names the implementation.
     """
 
     key_path: KeyPath
