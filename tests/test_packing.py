@@ -131,3 +131,16 @@ def test_compressed_and_prng_leaves(tmp_path):
     key = mgr.load_checkpoint(cid)["state"]["k"]
     assert jax.random.key_impl(key) == jax.random.key_impl(state["k"])
     assert (jax.random.key_data(key) == jax.random.key_data(state["k"])).all()
+
+
+def test_show_and_describe_name_a_packed_leaf_by_its_pack_and_range(tmp_path, capsys):
+    from computable_flows_shim.cli._main import main
+
+    mgr = CheckpointManager(tmp_path / "s")
+    cid = mgr.create_checkpoint("r", 1, STATE)
+    info = {i.path: i.to_dict() for i in mgr.open_checkpoint(cid).describe_leaves()}
+    assert info["b"]["path"] == "packed/float32[16:23]" and info["b"]["packed"] is True
+    assert info["big"]["path"] == "state/big" and "packed" not in info["big"]
+    assert "packed/float32[16:23]" in repr(mgr.open_checkpoint(cid))
+    assert main(["--root", str(tmp_path / "s"), "show", cid]) == 0
+    assert "packed/bfloat16[0:3]" in capsys.readouterr().out

@@ -132,7 +132,7 @@ def _leaf_cells(leaf: Any) -> tuple[str, str, str, str, str, str, str]:
         leaf.name,
         dtype,
         str(leaf.shape),
-        str(leaf.chunk_shape),
+        getattr(leaf, "packed", None) or str(leaf.chunk_shape),  # a packed leaf: its pack and range
         f"{grid} ({leaf.nchunks})",
         human_bytes(leaf.nbytes),
         human_bytes(leaf.disk_bytes),

@@ -148,6 +148,7 @@ class LeafInfo:
             "leaf": self.name,
             "kind": "array",
             "path": self.packed or f"{S.STATE_GROUP}/{self.path}",
+            **({"packed": True} if self.packed else {}),
             "shape": list(self.shape),
             "dtype": self.dtype,
             "chunks": list(self.chunk_shape),

@@ -59,7 +59,7 @@ def print_leaves(layout: dict[str, Any]) -> None:
                 leaf["leaf"],
                 dtype,
                 str(tuple(leaf["shape"])),
-                str(tuple(leaf["chunks"])),
+                leaf["path"] if leaf.get("packed") else str(tuple(leaf["chunks"])),  # a pack's range
                 f"{grid} = {leaf['nchunks']}",
                 human_bytes(leaf["bytes"]),
                 human_bytes(leaf["disk_bytes"]),
