@@ -39,12 +39,16 @@ def test_background_failure_surfaces_on_the_next_save_and_on_close(tmp_path):
     open(os.path.join(mgr.store.path(cid), "zarr.json"), "w").close()
     with pytest.raises(CheckpointExistsError, match=cid):
         mgr.create_checkpoint("r", 2, {"x": np.ones(3)}, {})
-    cid3 = mgr.create_checkpoint("r", 3, {"x": np.ones(3)}, {}, blocking=False)
+    cid3 = mgr.create_checkpoint("r", 3, {"x": np.ones(32 * MiB // 8)}, {}, blocking=False)
     os.mkdir(mgr.store.path(cid3))
     open(os.path.join(mgr.store.path(cid3), "zarr.json"), "w").close()
     with pytest.raises(CheckpointExistsError, match=cid3):
         mgr.close()
-    assert not os.listdir(os.path.join(mgr.store.root, ".cfs-staging"))
+    # Nothing is left behind.  Where the claim came before the saver thread looked, the save
+    # was refused before it staged anything, and the staging directory was never made.
+    staging = os.path.join(mgr.store.root, ".cfs-staging")
+    assert not os.path.isdir(staging) or not os.listdir(staging)
+    assert set(os.listdir(mgr.store.root)) - {".cfs-staging"} == {cid, cid3}  # only the two claims
 
 
 def test_incremental_save_links_unchanged_leaves(tmp_path):
