@@ -108,6 +108,13 @@ def test_bench_compression_smoke(tmp_path):
     assert os.listdir(tmp_path) == []  # its work directory is removed
 
 
+def test_bench_features_smoke(tmp_path):
+    out = run_script("bench_features.py", ["--smoke", "--dir", str(tmp_path)], tmp_path)
+    for row in ("incremental save", "70,000-sample flow recorder history", "lazy column slice", "list_checkpoints"):
+        assert row in out
+    assert os.listdir(tmp_path) == []  # its work directory is removed
+
+
 def test_bench_flow_overhead_smallest(tmp_path):
     out = run_script(
         "bench_flow_overhead.py",

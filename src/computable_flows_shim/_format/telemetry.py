@@ -13,6 +13,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,43 @@ EVENT_KEYS = ("type", "iter", "payload")
 _COLUMN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
 
-def _column(name: str, values: Any) -> np.ndarray:
+class AppendOnlyHistory(dict):
+    """A telemetry history (columns and ``"events"``, as :func:`normalize` takes) from a log
+    that only ever appends: every history of the same ``log`` starts with the samples of the
+    earlier ones, unchanged, and its column arrays are never written to again.  A save may
+    then take the samples an earlier save of the same log wrote as written (linked, neither
+    read nor copied), so that a checkpoint's telemetry costs what was appended since, not the
+    whole history.  The flow's recorder makes these; a plain dict is compared instead."""
+
+    def __init__(self, columns: Mapping[str, Any], log: object) -> None:
+        super().__init__(columns)
+        self.log = log
+
+
+@dataclass(frozen=True)
+class LogMark:
+    """What a save wrote from an :class:`AppendOnlyHistory`: into checkpoint ``checkpoint``,
+    the first ``samples`` samples of ``log``, summarized as ``summary``."""
+
+    checkpoint: str
+    log: object
+    samples: int
+    summary: dict
+
+    @classmethod
+    def of(cls, history: Any, checkpoint: str, summary: dict) -> LogMark | None:
+        if not isinstance(history, AppendOnlyHistory):
+            return None
+        return cls(checkpoint, history.log, int(summary.get("samples", 0)), summary)
+
+    def continued_by(self, history: Any) -> bool:
+        """Whether ``history`` continues the log this mark saved from."""
+        return isinstance(history, AppendOnlyHistory) and history.log is self.log
+
+
+def _column(name: str, values: Any, start: int = 0) -> np.ndarray:
+    """``values`` as a 1-D column; only samples from ``start`` on are checked (those before
+    were checked when an earlier save of the same append-only log took them)."""
     a = np.asarray(values)
     if a.ndim != 1:
         raise MetadataError(f"telemetry column {name!r}: expected 1-D values, got shape {a.shape}")
@@ -36,7 +73,7 @@ def _column(name: str, values: Any) -> np.ndarray:
             raise MetadataError(f"telemetry column {name!r}: mixes text with other values")
         return a.astype(object)
     if a.dtype.kind == "O":
-        if set(map(type, a.tolist())) - {str}:  # map/set run in C: ~20 ms per million samples
+        if set(map(type, a[start:].tolist())) - {str}:  # map/set run in C: ~20 ms per million samples
             raise MetadataError(f"telemetry column {name!r}: mixes text with other values")
         return a
     if zarr_name(a.dtype) is None:
@@ -44,15 +81,17 @@ def _column(name: str, values: Any) -> np.ndarray:
     return a if a.dtype.byteorder != ">" else a.astype(a.dtype.newbyteorder("<"))
 
 
-def normalize(history: Any) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Columns (name -> 1-D array, all one length) and events of a history."""
+def normalize(history: Any, prior: LogMark | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Columns (name -> 1-D array, all one length) and events of a history.  ``prior``: the
+    mark of an earlier save of the same append-only log, whose samples are not checked again."""
     if history is None:
         return {}, []
     events: list = []
     if isinstance(history, Mapping):
         raw = dict(history)
         events = list(raw.pop("events", None) or [])
-        cols = {str(k): _column(str(k), v) for k, v in raw.items()}
+        start = prior.samples if prior is not None else 0
+        cols = {str(k): _column(str(k), v, start) for k, v in raw.items()}
     elif isinstance(history, (list, tuple)):
         names: dict[str, None] = {}
         for i, row in enumerate(history):
@@ -112,10 +151,14 @@ def _finite(x: Any) -> Any:
     return to_json(float(x), "telemetry_summary")  # non-finite as "NaN"/"Infinity", like all attrs
 
 
-def summarize(cols: dict[str, np.ndarray], events: list[dict], iteration: int) -> dict:
-    """The ``telemetry_summary`` attribute: what listing shows without reading arrays."""
+def summarize(cols: dict[str, np.ndarray], events: list[dict], iteration: int, prior: LogMark | None = None) -> dict:
+    """The ``telemetry_summary`` attribute: what listing shows without reading arrays.
+    ``prior``: the mark of an earlier save of the same append-only log; the energy range and
+    phases of its samples are taken from its summary, not computed again."""
     n = len(next(iter(cols.values()))) if cols else 0
     s: dict[str, Any] = {"total_iterations": iteration, "samples": n, "events": len(events)}
+    old = prior.summary if prior is not None and prior.samples <= n else {}
+    start = prior.samples if old else 0  # samples summarized in ``old``
     it = cols.get(S.T_SAMPLE_DIM)
     if it is not None and n:
         s["first_iter"], s["last_iter"] = int(it[0]), int(it[-1])
@@ -124,10 +167,19 @@ def summarize(cols: dict[str, np.ndarray], events: list[dict], iteration: int) -
         if c is not None and n and c.dtype.kind in "iuf":
             s[f"final_{key}"] = _finite(c[-1])
             if name == "E":
-                finite = c[np.isfinite(c)]
-                s["energy_min"] = float(finite.min()) if finite.size else None
-                s["energy_max"] = float(finite.max()) if finite.size else None
+                known = start if "energy_min" in old else 0
+                new = c[known:][np.isfinite(c[known:])]
+                lows = [v for v in (old.get("energy_min") if known else None,) if v is not None]
+                highs = [v for v in (old.get("energy_max") if known else None,) if v is not None]
+                if new.size:
+                    lows.append(float(new.min()))
+                    highs.append(float(new.max()))
+                s["energy_min"] = min(lows) if lows else None
+                s["energy_max"] = max(highs) if highs else None
     ph = cols.get("phase")
     if ph is not None:
-        s["phase_counts"] = {str(k): v for k, v in Counter(ph.tolist()).items()}
+        known = start if "phase_counts" in old else 0
+        counts: Counter = Counter(old["phase_counts"] if known else {})
+        counts.update(ph[known:].tolist())
+        s["phase_counts"] = {str(k): v for k, v in counts.items()}
     return s

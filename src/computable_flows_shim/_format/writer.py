@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from computable_flows_shim import _platform
 from computable_flows_shim._format import packing as P
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format import telemetry as T
@@ -142,6 +143,8 @@ class _Array:
     dims: list[str]
     attrs: dict
     compression: Compression | None = None  # asked for; ``layout.codec`` is what is written
+    logged: bool = False  # a column of an append-only log: never written to again (not copied)
+    trusted: int = 0  # leading elements known identical to the base checkpoint's (a log's earlier save)
 
 
 def _state_arrays(leaves: list[Leaf], compression: LeafPolicy | None = None, pack_max_bytes: int = 0) -> list[_Array]:
@@ -177,14 +180,19 @@ def _state_arrays(leaves: list[Leaf], compression: LeafPolicy | None = None, pac
     return out
 
 
-def _telemetry_arrays(cols: dict[str, np.ndarray], events: list[dict]) -> list[_Array]:
+def _telemetry_arrays(
+    cols: dict[str, np.ndarray], events: list[dict], logged: bool = False, trusted: int = 0
+) -> list[_Array]:
+    """The columns along ``iter`` (``logged``: of an append-only log, their first ``trusted``
+    samples saved into the base checkpoint already), then the event columns."""
     out = []
     for dim, group in ((S.T_SAMPLE_DIM, cols), (S.T_EVENT_DIM, T.event_columns(events))):
         for name, col in group.items():
             dtype = None if col.dtype == object else col.dtype
             layout = Layout(col.shape, dtype, (max(1, min(TELEMETRY_CHUNK, len(col))),))
             data = col if dtype is None else np.require(col, requirements="C")
-            out.append(_Array(f"{S.TELEMETRY_GROUP}/{name}", data, layout, [dim], {}))
+            log = logged and dim == S.T_SAMPLE_DIM
+            out.append(_Array(f"{S.TELEMETRY_GROUP}/{name}", data, layout, [dim], {}, None, log, trusted if log else 0))
     return out
 
 
@@ -205,16 +213,23 @@ class Prepared:
         copy: bool = False,
         compression: LeafPolicy | None = None,
         pack_max_bytes: int = 0,
+        prior: T.LogMark | None = None,
     ) -> Prepared:
         """``compression``: each state leaf's :class:`Compression` (or None) from its path and
         array (``codecs.compression_policy``); telemetry is never compressed.  Uncompressed
-        host leaves of at most ``pack_max_bytes`` bytes are packed (0: none)."""
+        host leaves of at most ``pack_max_bytes`` bytes are packed (0: none).  ``prior``: the
+        mark of the base checkpoint's save when ``telemetry_history`` continues its
+        append-only log (:class:`~computable_flows_shim._format.telemetry.AppendOnlyHistory`):
+        the samples it wrote are neither checked, counted, copied nor read again."""
         tree, leaves = flatten(state)
-        cols, events = T.normalize(telemetry_history)
-        attrs = {**attrs, S.A_TELEMETRY_SUMMARY: T.summarize(cols, events, attrs[S.A_ITERATION]), S.A_TREE: tree}
-        arrays = _state_arrays(leaves, compression, pack_max_bytes) + _telemetry_arrays(cols, events)
+        cols, events = T.normalize(telemetry_history, prior)
+        summary = T.summarize(cols, events, attrs[S.A_ITERATION], prior)
+        attrs = {**attrs, S.A_TELEMETRY_SUMMARY: summary, S.A_TREE: tree}
+        logged = isinstance(telemetry_history, T.AppendOnlyHistory)
+        trusted = prior.samples if prior is not None else 0
+        arrays = _state_arrays(leaves, compression, pack_max_bytes) + _telemetry_arrays(cols, events, logged, trusted)
         if copy:  # the snapshot of an async save: numpy copies release the GIL, so copy in parallel
-            plain = [a for a in arrays if isinstance(a.data, np.ndarray)]
+            plain = [a for a in arrays if isinstance(a.data, np.ndarray) and not a.logged]
             sizes = [a.data.nbytes for a in plain]
             copies = run_batched([partial(np.array, a.data, copy=True) for a in plain], sizes)
             for a, c in zip(plain, copies):
@@ -340,6 +355,56 @@ def _write_one(
     return [(coords, *write_chunk(data, layout, coords, adir, durable, base))]
 
 
+_LOGGED: set[tuple[int, int, int, int]] = set()
+"""The identities (as :data:`_WRITTEN`) of the chunk files of append-only log columns this
+process wrote or linked: a later save of the same log links such a file without reading it,
+and only such a file (one replaced since has another identity)."""
+
+
+def _link_logged(src: str, dst: str, durable: bool) -> bool:
+    """Hard-link ``src`` as ``dst`` if it is a log chunk file this process wrote (see
+    :data:`_LOGGED`); False when it is not, or cannot be linked.  A durable save syncs it first
+    (the base may have been saved with ``durable=False``); a failed sync raises."""
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        identity = _file_identity(os.fstat(fd))
+        if identity not in _LOGGED:
+            return False
+        if durable:
+            _platform.sync_data(fd)
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            return False
+    finally:
+        os.close(fd)
+    if _file_identity(os.stat(dst, follow_symlinks=False)) != identity:  # replaced between open and link
+        os.unlink(dst)
+        return False
+    return True
+
+
+def _write_logged(
+    arr: _Array, coords: tuple[int, ...], adir: str, durable: bool, base: tuple[str, int] | None
+) -> list[tuple[tuple[int, ...], int, int]]:
+    """One chunk of an append-only log column: a chunk within the samples the base
+    checkpoint's save of the same log wrote is linked from it unread (the log never changes
+    a sample); any other is written (or linked when its bytes match, as any chunk), and its
+    file is remembered for the next save."""
+    path = os.path.join(adir, arr.layout.key(coords))
+    end = (coords[0] + 1) * arr.layout.chunk_shape[0]
+    if base is not None and end <= arr.trusted and _link_logged(base[0], path, durable):
+        return [(coords, base[1], 0)]
+    out = _write_one(arr.data, arr.layout, coords, adir, durable, base)  # type: ignore[arg-type]
+    if len(_LOGGED) >= _WRITTEN_MAX:
+        _LOGGED.clear()
+    _LOGGED.add(_file_identity(os.stat(path, follow_symlinks=False)))
+    return out
+
+
 def _origin_block(data: ShardedData) -> Any:
     """The data of the block holding the array's first chunk, if this process writes it."""
     for index, block in data.blocks:
@@ -441,10 +506,14 @@ def write_chunks(
                 owners.append(arr)
             continue
         for coords, base in zip(arr.layout.coords(), bases):
-            if coords != skip:
+            if arr.logged:
+                tasks.append(partial(_write_logged, arr, coords, adir, durable, base))
+            elif coords != skip:
                 tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base))
-                weights.append(size)
-                owners.append(arr)
+            else:
+                continue
+            weights.append(size)
+            owners.append(arr)
     results = done + run_batched(tasks, weights)
     stats = WriteStats()
     crcs: dict[str, dict[int, int]] = {a.path: {} for a in owners}

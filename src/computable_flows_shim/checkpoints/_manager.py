@@ -24,6 +24,7 @@ from computable_flows_shim import _display as _repr
 from computable_flows_shim._format import reader as _reader
 from computable_flows_shim._format import root as _root
 from computable_flows_shim._format import spec as S
+from computable_flows_shim._format import telemetry as _telemetry
 from computable_flows_shim._format import writer as _writer
 from computable_flows_shim._format.arrays import Mirror
 from computable_flows_shim._format.codecs import CompressionOption, compression_policy
@@ -138,6 +139,7 @@ class CheckpointManager:
         self.last_save_stats: _writer.WriteStats | None = None
         """Bytes written and chunks hard-linked by the most recent completed save."""
         self._last_saved: dict[str, str] = {}
+        self._logs: dict[str, _telemetry.LogMark] = {}  # per run: what its last save wrote of an append-only log
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfs-save")
         self._pending: Future | None = None
         _LIVE.add(self)
@@ -248,10 +250,23 @@ class CheckpointManager:
             return cid
         if self.store.exists(cid):
             raise CheckpointExistsError(f"checkpoint {cid!r} already exists in {self.store}")
+        base_dir = self._base_dir(run_id)
+        prior = self._logs.get(run_id)
+        if prior is not None and not (
+            base_dir == self.store.path(prior.checkpoint) and prior.continued_by(telemetry_history)
+        ):
+            prior = None  # the history is not the base's log continued: its samples are compared
         prepared = _writer.Prepared.of(
-            attrs, state, telemetry_history, copy=not blocking, compression=policy, pack_max_bytes=self.pack_max_bytes
+            attrs,
+            state,
+            telemetry_history,
+            copy=not blocking,
+            compression=policy,
+            pack_max_bytes=self.pack_max_bytes,
+            prior=prior,
         )
-        job = partial(self._save, run_id, cid, prepared, self._base_dir(run_id))
+        mark = _telemetry.LogMark.of(telemetry_history, cid, prepared.attrs[S.A_TELEMETRY_SUMMARY])
+        job = partial(self._save, run_id, cid, prepared, base_dir, mark)
         if blocking:
             job()
         else:
@@ -274,9 +289,19 @@ class CheckpointManager:
             last = max(ids, default=None)
         return self.store.path(last) if last is not None else None
 
-    def _save(self, run_id: str, cid: str, prepared: _writer.Prepared, base_dir: str | None) -> None:
+    def _save(
+        self,
+        run_id: str,
+        cid: str,
+        prepared: _writer.Prepared,
+        base_dir: str | None,
+        mark: _telemetry.LogMark | None = None,
+    ) -> None:
         stats: list[_writer.WriteStats] = []
+        self._logs.pop(run_id, None)
         self._write(cid, lambda tmp: stats.append(_writer.write_group(tmp, prepared, self._fsync_staging, base_dir)))
+        if mark is not None:
+            self._logs[run_id] = mark
         self._saved(run_id, cid, stats[0])
 
     def _saved(self, run_id: str, cid: str, stats: _writer.WriteStats, apply_retention: bool = True) -> None:

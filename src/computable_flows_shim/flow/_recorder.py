@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from computable_flows_shim._format.telemetry import AppendOnlyHistory
+
 COLUMNS: dict[str, Any] = {
     "iter": np.int64,
     "t_wall_ms": np.float64,
@@ -43,6 +45,7 @@ class TelemetryRecorder:
         self.events: list[dict] = []
         self._t0 = time.perf_counter()
         self._wall_offset = 0.0
+        self._log = object()  # this recorder's log, as saves know it (AppendOnlyHistory)
 
     def __len__(self) -> int:
         return self._n
@@ -68,10 +71,17 @@ class TelemetryRecorder:
     def event(self, type_: str, iteration: int, **payload: Any) -> None:
         self.events.append({"type": type_, "iter": int(iteration), "payload": {"t_wall_ms": self.wall_ms(), **payload}})
 
-    def history(self) -> dict:
-        cols: dict[str, Any] = {k: a[: self._n] for k, a in self._cols.items()}
+    def history(self) -> AppendOnlyHistory:
+        """The samples so far (read-only views: a sample, once recorded, is never written
+        again, and growing moves the buffers) and events: an append-only log, so a save
+        writes only what was appended since this recorder's previous save."""
+        cols: dict[str, Any] = {}
+        for k, a in self._cols.items():
+            view = a[: self._n]
+            view.flags.writeable = False
+            cols[k] = view
         cols["events"] = list(self.events)
-        return cols
+        return AppendOnlyHistory(cols, self._log)
 
     @classmethod
     def from_history(cls, history: dict, every: int) -> TelemetryRecorder:
