@@ -157,8 +157,10 @@ def summarize(cols: dict[str, np.ndarray], events: list[dict], iteration: int, p
     phases of its samples are taken from its summary, not computed again."""
     n = len(next(iter(cols.values()))) if cols else 0
     s: dict[str, Any] = {"total_iterations": iteration, "samples": n, "events": len(events)}
-    old = prior.summary if prior is not None and prior.samples <= n else {}
-    start = prior.samples if old else 0  # samples summarized in ``old``
+    old: dict = {}
+    start = 0  # samples summarized in ``old``
+    if prior is not None and prior.samples <= n:
+        old, start = prior.summary, prior.samples
     it = cols.get(S.T_SAMPLE_DIM)
     if it is not None and n:
         s["first_iter"], s["last_iter"] = int(it[0]), int(it[-1])
