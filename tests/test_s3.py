@@ -412,6 +412,32 @@ def test_cli_runs_resumes_and_lists_on_s3(s3_url):
     assert "demo-i000000000400" in left and "demo-i000000000100" not in left
 
 
+def _bytes_written_to_disk() -> int:
+    """Bytes this process has dirtied in the page cache of a disk file system (/proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(dict(line.split(": ") for line in f.read().splitlines())["write_bytes"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts disk writes with /proc/self/io")
+def test_a_save_streams_its_chunks_from_memory_into_puts(s3_url, s3_server):
+    """No chunk is written to local disk on the way to the store (the kernel counts what this
+    process writes; moto_server runs in another): only the metadata is.  The same save with
+    the chunks staged locally, as before, shows that the count sees staging."""
+    state = {"w": np.random.default_rng(3).standard_normal((4000, 1000))}  # 32 MB: 8 chunks
+    mgr = CheckpointManager(s3_url)
+    mgr.create_checkpoint("warm", 1, {"x": np.ones(3)})  # connections, caches
+    written = []
+    for run, staged in (("streamed", False), ("staged", True)):
+        if staged:
+            mgr.store.sink = lambda tmp: None  # the control: every file written into the staging area
+        before = _bytes_written_to_disk()
+        cid = mgr.create_checkpoint(run, 1, state)
+        written.append(_bytes_written_to_disk() - before)
+        assert mgr.store.last_upload["bytes_put"] >= state["w"].nbytes
+        np.testing.assert_array_equal(CheckpointManager(s3_url).load_checkpoint(cid)["state"]["w"], state["w"])
+    assert written[0] < 1 << 20 and written[1] >= state["w"].nbytes, written
+
+
 def test_incremental_saves_copy_unchanged_chunks_server_side(s3_url, s3_server):
     """The run's next checkpoint copies (server-side) the chunks whose size, CRC32C and SHA-256
     equal its previous checkpoint's, and PUTs the rest; each checkpoint stands alone after the

@@ -24,7 +24,7 @@ import math
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -392,6 +392,7 @@ def write_chunk(
     dirpath: str,
     durable: bool,
     base: tuple[str, int] | None = None,
+    sink: Sink | None = None,
 ) -> tuple[int, int]:
     """Write one chunk file; returns ``(crc32c, bytes written)``.
 
@@ -399,16 +400,29 @@ def write_chunk(
     with the same layout.  When its CRC matches and its bytes are identical, the
     chunk is hard-linked instead of written (an incremental save): the file is
     immutable, and a link keeps this checkpoint whole when the other is deleted."""
-    return store_chunk(chunk_buffers(array, layout, coords), os.path.join(dirpath, layout.key(coords)), durable, base)
+    path = os.path.join(dirpath, layout.key(coords))
+    return store_chunk(chunk_buffers(array, layout, coords), path, durable, base, sink)
 
 
-def store_chunk(bufs: list, path: str, durable: bool, base: tuple[str, int] | None = None) -> tuple[int, int]:
+Sink = Callable[[str, list], int]
+"""Where a store whose commit uploads the staging directory sends chunk files instead of
+writing them there: ``sink(path, bufs)`` takes the file's path under the staging directory
+and its bytes (buffers to concatenate, which it must not keep past the save) and returns
+the bytes sent (0 for an object copied server-side)."""
+
+
+def store_chunk(
+    bufs: list, path: str, durable: bool, base: tuple[str, int] | None = None, sink: Sink | None = None
+) -> tuple[int, int]:
     """Append the CRC32C to a chunk's encoded ``bufs`` and write (or hard-link, see
-    :func:`write_chunk`) the chunk file ``path``; returns ``(crc32c, bytes written)``."""
+    :func:`write_chunk`) the chunk file ``path``, or hand it to ``sink``; returns
+    ``(crc32c, bytes written)``."""
     crc = 0
     for b in bufs:
         crc = _crc.crc32c(b, crc)
     bufs = [*bufs, crc.to_bytes(S.CRC_BYTES, "little")]
+    if sink is not None:
+        return crc, sink(path, bufs)
     if base is not None and base[1] == crc and _link_if_same(base[0], bufs, path, durable):
         return crc, 0
     write_file(path, bufs, durable)

@@ -34,6 +34,7 @@ from computable_flows_shim._format import telemetry as T
 from computable_flows_shim._format.arrays import (
     TARGET_CHUNK_BYTES,
     Layout,
+    Sink,
     array_metadata,
     chunk_buffers,
     group_metadata,
@@ -320,7 +321,14 @@ def make_dirs(dirpath: str, prepared: Prepared) -> None:
 
 
 def _write_block(
-    arr: _Array, index: tuple[slice, ...], data: Any, adir: str, durable: bool, bases: dict, skip: Any = None
+    arr: _Array,
+    index: tuple[slice, ...],
+    data: Any,
+    adir: str,
+    durable: bool,
+    bases: dict,
+    skip: Any = None,
+    sink: Sink | None = None,
 ) -> list[tuple[tuple[int, ...], int, int]]:
     """Write the chunks of one shard block from that shard alone, copied to host here;
     returns ``(coords, crc32c, bytes written)`` per chunk.  Chunks nest in blocks, so the
@@ -336,7 +344,7 @@ def _write_block(
         if coords == skip:
             continue
         path = os.path.join(adir, layout.key(coords))
-        crc, n = store_chunk(chunk_buffers(host, block, local), path, durable, bases.get(coords))
+        crc, n = store_chunk(chunk_buffers(host, block, local), path, durable, bases.get(coords), sink)
         out.append((coords, crc, n))
     return out
 
@@ -348,11 +356,12 @@ def _write_one(
     adir: str,
     durable: bool,
     base: tuple[str, int] | None,
+    sink: Sink | None = None,
 ) -> list[tuple[tuple[int, ...], int, int]]:
     if isinstance(data, P.PackedData):
         path = os.path.join(adir, layout.key(coords))
-        return [(coords, *store_chunk(data.chunk_buffers(layout, coords), path, durable, base))]
-    return [(coords, *write_chunk(data, layout, coords, adir, durable, base))]
+        return [(coords, *store_chunk(data.chunk_buffers(layout, coords), path, durable, base, sink))]
+    return [(coords, *write_chunk(data, layout, coords, adir, durable, base, sink))]
 
 
 _LOGGED: set[tuple[int, int, int, int]] = set()
@@ -388,7 +397,7 @@ def _link_logged(src: str, dst: str, durable: bool) -> bool:
 
 
 def _write_logged(
-    arr: _Array, coords: tuple[int, ...], adir: str, durable: bool, base: tuple[str, int] | None
+    arr: _Array, coords: tuple[int, ...], adir: str, durable: bool, base: tuple[str, int] | None, sink: Sink | None
 ) -> list[tuple[tuple[int, ...], int, int]]:
     """One chunk of an append-only log column: a chunk within the samples the base
     checkpoint's save of the same log wrote is linked from it unread (the log never changes
@@ -398,7 +407,9 @@ def _write_logged(
     end = (coords[0] + 1) * arr.layout.chunk_shape[0]
     if base is not None and end <= arr.trusted and _link_logged(base[0], path, durable):
         return [(coords, base[1], 0)]
-    out = _write_one(arr.data, arr.layout, coords, adir, durable, base)  # type: ignore[arg-type]
+    out = _write_one(arr.data, arr.layout, coords, adir, durable, base, sink)  # type: ignore[arg-type]
+    if sink is not None:
+        return out  # sent, not written here: nothing to link next time
     if len(_LOGGED) >= _WRITTEN_MAX:
         _LOGGED.clear()
     _LOGGED.add(_file_identity(os.stat(path, follow_symlinks=False)))
@@ -426,7 +437,7 @@ def _sampled(arr: _Array) -> bool:
 
 
 def _decide_codec(
-    arr: _Array, adir: str, durable: bool, base_dir: str | None
+    arr: _Array, adir: str, durable: bool, base_dir: str | None, sink: Sink | None = None
 ) -> tuple[list[tuple[tuple[int, ...], int, int]], list[tuple[str, int] | None]]:
     """The switch-off rule (spec/FORMAT.md 8.1): compress the array's first chunk; if it does
     not shrink by the ``min_saving`` asked for, the array is written uncompressed.  Sets
@@ -448,7 +459,7 @@ def _decide_codec(
     arr.layout.codec = codec if keep else None
     bases = _base_chunks(base_dir, arr)
     path = os.path.join(adir, arr.layout.key(origin))
-    crc, n = store_chunk([encoded] if keep else raw, path, durable, bases[0])
+    crc, n = store_chunk([encoded] if keep else raw, path, durable, bases[0], sink)
     return [(origin, crc, n)], bases
 
 
@@ -469,18 +480,20 @@ def write_chunks(
     durable: bool = True,
     base_dir: str | None = None,
     global_only: bool = False,
+    sink: Sink | None = None,
 ) -> tuple[dict[str, dict[int, int]], WriteStats]:
     """Write the chunk files this process owns into ``dirpath`` (after :func:`make_dirs`):
     every chunk of a plain array, and the chunks of a sharded array's blocks this process
     holds (``global_only``: only the blocks of global arrays, those spanning processes, for the
     non-zero processes of a multi-process save: process 0 writes everything else).
+    ``sink``: where chunk files go instead of ``dirpath`` (see ``arrays.Sink``).
     Returns the CRC32C of each written chunk, by array path and C-order chunk index."""
     mine = [a for a in prepared.arrays if not global_only or (isinstance(a.data, ShardedData) and a.data.is_global)]
     adirs = {a.path: os.path.join(dirpath, *a.path.split("/")) for a in mine}
     # first the compressed arrays' codecs, each decided on (and written with) its first chunk
     sampled = [a for a in mine if _sampled(a)]
     firsts = run_batched(
-        [partial(_decide_codec, a, adirs[a.path], durable, base_dir) for a in sampled],
+        [partial(_decide_codec, a, adirs[a.path], durable, base_dir, sink) for a in sampled],
         [_chunk_weight(a) for a in sampled],
     )
     decided = {a.path: first for a, first in zip(sampled, firsts)}
@@ -501,15 +514,15 @@ def write_chunks(
         if isinstance(arr.data, ShardedData):
             by_coords = dict(zip(arr.layout.coords(), bases))
             for index, data in arr.data.blocks:
-                tasks.append(partial(_write_block, arr, index, data, adir, durable, by_coords, skip))
+                tasks.append(partial(_write_block, arr, index, data, adir, durable, by_coords, skip, sink))
                 weights.append(math.prod(s.stop - s.start for s in index) * arr.data.itemsize)
                 owners.append(arr)
             continue
         for coords, base in zip(arr.layout.coords(), bases):
             if arr.logged:
-                tasks.append(partial(_write_logged, arr, coords, adir, durable, base))
+                tasks.append(partial(_write_logged, arr, coords, adir, durable, base, sink))
             elif coords != skip:
-                tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base))
+                tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base, sink))
             else:
                 continue
             weights.append(size)
@@ -609,15 +622,18 @@ def made_durable(dirpath: str, durable: bool) -> Iterator[bool]:
         os.close(fd)
 
 
-def write_group(dirpath: str, prepared: Prepared, durable: bool = True, base_dir: str | None = None) -> WriteStats:
+def write_group(
+    dirpath: str, prepared: Prepared, durable: bool = True, base_dir: str | None = None, sink: Sink | None = None
+) -> WriteStats:
     """Write a whole checkpoint into the empty directory ``dirpath``, durably if ``durable``
     (see :func:`made_durable`).
 
     ``base_dir`` is an earlier checkpoint of the same run: chunks identical to its
-    chunks are hard-linked rather than written (see :func:`write_chunk`)."""
+    chunks are hard-linked rather than written (see :func:`write_chunk`).  ``sink``: where
+    the chunk files go instead (an object store's upload); the metadata is written here."""
     with made_durable(dirpath, durable) as per_file:
         make_dirs(dirpath, prepared)
-        crcs, stats = write_chunks(dirpath, prepared, per_file, base_dir)
+        crcs, stats = write_chunks(dirpath, prepared, per_file, base_dir, sink=sink)
         write_metadata(dirpath, prepared, crcs, per_file)
     return stats
 

@@ -213,11 +213,14 @@ def _save_part(job: _Job, pid: int, attrs: dict, state: Any, telemetry_history: 
         ref = _get(client, f"{prefix}/staging", job.timeout, what)
         if ref.startswith("!"):
             raise DistributedSaveError(f"{what}: process 0 failed before writing: {ref[1:]}")
-        # a shared directory's staging itself, or (object store) a local one whose files finish() PUTs
+        # a shared directory's staging itself, or (object store) a local one: chunks are PUT as they
+        # are written (the sink), and finish() waits for them
         with store.join_staging(job.cid, ref) as (tmp, finish_part):
             if not store.staging_is_final:
                 _writer.make_dirs(tmp, prepared)
-            crcs, stats = _writer.write_chunks(tmp, prepared, job.durable, job.base_dir, global_only=True)
+            crcs, stats = _writer.write_chunks(
+                tmp, prepared, job.durable, job.base_dir, global_only=True, sink=store.sink(tmp)
+            )
             objects = finish_part()
         client.key_value_set(f"{prefix}/crcs/{pid}", _encode(crcs, stats, objects))
     except Exception as e:  # noqa: BLE001 - published to process 0, then raised below
@@ -288,7 +291,7 @@ def _save_and_commit(job: _Job, nproc: int, attrs: dict, state: Any, telemetry_h
             with store.join_staging(cid, ref) as (ctmp, finish_part):
                 if not store.staging_is_final:
                     _writer.make_dirs(ctmp, prepared)
-                crcs, stats = _writer.write_chunks(ctmp, prepared, job.durable, job.base_dir)
+                crcs, stats = _writer.write_chunks(ctmp, prepared, job.durable, job.base_dir, sink=store.sink(ctmp))
                 extra_objects.update(finish_part())
             client.key_value_set(f"{prefix}/crcs/0", _encode(crcs, stats))
         except Exception as e:  # noqa: BLE001 - published to the others, then raised below

@@ -299,7 +299,12 @@ class CheckpointManager:
     ) -> None:
         stats: list[_writer.WriteStats] = []
         self._logs.pop(run_id, None)
-        self._write(cid, lambda tmp: stats.append(_writer.write_group(tmp, prepared, self._fsync_staging, base_dir)))
+        self._write(
+            cid,
+            lambda tmp: stats.append(
+                _writer.write_group(tmp, prepared, self._fsync_staging, base_dir, self.store.sink(tmp))
+            ),
+        )
         if mark is not None:
             self._logs[run_id] = mark
         self._saved(run_id, cid, stats[0])

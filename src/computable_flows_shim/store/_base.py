@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from computable_flows_shim._format.arrays import Mirror
+from computable_flows_shim._format.arrays import Mirror, Sink
 
 
 class Store(abc.ABC):
@@ -76,6 +76,12 @@ class Store(abc.ABC):
     def staging(self, name: str, durable: bool = True) -> AbstractContextManager[tuple[str, Callable[..., None]]]:
         """Context manager yielding ``(dir, commit)``: ``commit(extra_objects=None)`` publishes ``dir`` as
         ``name`` (``extra_objects``: what other processes' :meth:`join_staging` ``finish()`` returned)."""
+
+    def sink(self, tmp: str) -> Sink | None:
+        """Where a save into the staging area ``tmp`` sends its chunk files instead of writing
+        them there (``_format.arrays.Sink``): an object store PUTs them from memory as they
+        come.  None (the default): the files are written into ``tmp``."""
+        return None
 
     def staging_ref(self, tmp: str) -> str:
         """A string naming the staging area ``tmp`` that other processes can join (multi-process saves)."""

@@ -4,8 +4,10 @@ Object stores have no rename, so the local commit protocol (stage, fsync, rename
 becomes, for checkpoint ``<id>`` (spec/FORMAT.md, "Object stores"):
 
 1. ``PUT .cfs-uploads/<id>/<token>.json``: an upload marker with an expiry (the lease);
-2. ``PUT <id>/<token>/<key>`` for every file of the group, written locally first by the
-   same codec as a directory store (the bytes are identical), the root ``zarr.json`` last;
+2. ``PUT <id>/<token>/<key>`` for every file of the group, the bytes a directory store writes:
+   each chunk from memory as the writer encodes it (the manager's writer hands it to the
+   store's ``sink``, see ``_Upload``: never written to local disk), then the metadata files
+   from a local staging directory, the root ``zarr.json`` last;
 3. ``PUT .cfs-commits/<id>.json`` with ``If-None-Match: *``: the commit record, naming the
    upload and every object with its size and CRC32C.  The checkpoint exists from this
    moment, whole; a second writer of the same id gets 412 and nothing of its upload is
@@ -52,7 +54,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -61,7 +63,7 @@ import crc32c as _crc
 
 from computable_flows_shim import _platform
 from computable_flows_shim._format import spec as S
-from computable_flows_shim._format.arrays import MAX_METADATA_BYTES
+from computable_flows_shim._format.arrays import MAX_METADATA_BYTES, Sink
 from computable_flows_shim.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -231,6 +233,7 @@ class ObjectStore(Store):
         self._s = obs.store.from_url(self.root_url, client_options=client_options, **options)
         self.upload_lease = float(upload_lease)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cfs-s3")
+        self._workers = workers
         _remove_dead_caches()
         self._cache = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
         self._parts = os.path.join(self._cache, ".parts")
@@ -238,6 +241,7 @@ class ObjectStore(Store):
         self._mirrors: dict[str, _Mirror] = {}
         self._recs: dict[str, dict] = {}
         self._last_records: dict[str, dict] = {}  # run id -> the record this store committed last
+        self._uploads: dict[str, _Upload] = {}  # staging directory -> its upload (see sink)
         self.last_upload: dict[str, int] = {}
         """Objects PUT and copied server-side (unchanged chunks) by this process's last upload."""
         self.objects_read = 0
@@ -297,7 +301,7 @@ class ObjectStore(Store):
             raise CheckpointFormatError(f"{self.root_url}/{key}: {data} bytes, more than the {limit} expected")
         return memoryview(data)
 
-    def _put(self, key: str, data: bytes, **kw: Any) -> None:
+    def _put(self, key: str, data: bytes | memoryview, **kw: Any) -> None:
         self._call(f"PUT {key}", self._obs.put, key, data, **kw)
 
     def _head(self, key: str) -> bool:
@@ -455,11 +459,13 @@ class ObjectStore(Store):
         os.makedirs(tmp)
         committed, unknown = False, False
         lease = _Lease(self, name, token, self.upload_lease)
+        upload: _Upload | None = None
 
         def commit(extra_objects: dict[str, list[int]] | None = None) -> None:
             nonlocal committed, unknown
+            assert upload is not None
             try:
-                self._commit(name, token, tmp, extra_objects or {}, lease)
+                self._commit(name, token, tmp, extra_objects or {}, lease, upload)
             except _OutcomeUnknown:
                 unknown = True
                 raise
@@ -468,9 +474,13 @@ class ObjectStore(Store):
             committed = True
 
         try:
-            lease.acquire()
+            lease.acquire()  # the marker before any object of the upload
+            upload = self._uploads[tmp] = _Upload(self, tmp, data, self._base_record(name))
             yield tmp, commit
         finally:
+            if upload is not None:
+                upload.wait()  # no PUT of the upload lands after the cleanup below
+                del self._uploads[tmp]
             lease.release()  # no renewal lands after the marker's DELETE below
             shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -493,18 +503,28 @@ class ObjectStore(Store):
             raise CheckpointWriteError(f"saving checkpoint {name!r}: {ref!r} is not an upload token")
         os.makedirs(os.path.join(self._cache, ".staging"), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f"{name}.{ref}.", dir=os.path.join(self._cache, ".staging"))
+        upload = self._uploads[tmp] = _Upload(self, tmp, f"{name}/{ref}", self._base_record(name))
         try:
-            yield tmp, partial(self._upload_files, tmp, f"{name}/{ref}", root=False, base=self._base_record(name))
+            yield tmp, partial(self._upload_files, upload, root=False)
         finally:
+            upload.wait()
+            del self._uploads[tmp]
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _commit(self, name: str, token: str, tmp: str, extra_objects: dict[str, list[int]], lease: _Lease) -> None:
+    def sink(self, tmp: str) -> Sink | None:
+        """Chunk files of a save go straight from memory into PUTs (see :class:`_Upload`)."""
+        upload = self._uploads.get(tmp)
+        return upload.send if upload is not None else None
+
+    def _commit(
+        self, name: str, token: str, tmp: str, extra_objects: dict[str, list[int]], lease: _Lease, upload: _Upload
+    ) -> None:
         # no existence check here: the manager checked before writing, and the record's
         # conditional PUT settles any race (a HEAD here would cost a request and prove nothing)
         data, marker = f"{name}/{token}", self._marker_key(name, token)
         if "zarr.json" in extra_objects:
             raise CheckpointWriteError(f"saving checkpoint {name!r}: only the committing process writes the root")
-        objects = {**extra_objects, **self._upload_files(tmp, data, base=self._base_record(name))}
+        objects = {**extra_objects, **self._upload_files(upload)}
         record = {
             "format": S.COMMIT_RECORD_FORMAT,
             "format_version": S.COMMIT_RECORD_VERSION,
@@ -544,47 +564,30 @@ class ObjectStore(Store):
         if m is not None:
             self._last_records[m.group("run")] = record
 
-    def _upload_files(self, tmp: str, data: str, root: bool = True, base: dict | None = None) -> dict[str, list]:
-        """PUT every file under ``tmp`` (in parallel; the root zarr.json last, required when
-        ``root``) and return ``{key: [size, crc32c, sha256]}``.  A chunk whose size, CRC32C and
-        SHA-256 equal the same key's in ``base`` (the commit record of the run's previous
-        checkpoint) is copied server-side from it instead (an incremental save)."""
+    def _upload_files(self, upload: _Upload, root: bool = True) -> dict[str, list]:
+        """Finish ``upload``: wait for the chunks sent while the group was written, PUT every
+        file written under its staging directory (the metadata: in parallel, the root
+        zarr.json last, required when ``root``) and return ``{key: [size, crc32c, sha256]}``."""
         keys = []
-        for b, _dirs, files in os.walk(tmp):
-            rel = os.path.relpath(b, tmp)
+        for b, _dirs, files in os.walk(upload.tmp):
+            rel = os.path.relpath(b, upload.tmp)
             keys += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files]
-        old = base["objects"] if base is not None else {}
-        stats = {"objects_put": 0, "objects_copied": 0, "bytes_put": 0, "bytes_copied": 0}
 
-        def put(key: str) -> tuple[str, list]:
-            with open(os.path.join(tmp, key), "rb") as f:
-                b = f.read()
-            meta = [len(b), _crc.crc32c(b), hashlib.sha256(b).hexdigest()]
-            if base is not None and old.get(key) == meta and not key.endswith("zarr.json"):
-                try:
-                    self._call(f"COPY {key}", self._obs.copy, f"{base['data']}/{key}", f"{data}/{key}")
-                    with self._lock:
-                        stats["objects_copied"] += 1
-                        stats["bytes_copied"] += len(b)
-                    return key, meta
-                except (_Missing, StoreUnavailableError):
-                    pass  # the base was deleted meanwhile, or the store cannot copy: PUT it
-            self._put(f"{data}/{key}", b)
-            with self._lock:
-                stats["objects_put"] += 1
-                stats["bytes_put"] += len(b)
-            return key, meta
+        def put(key: str) -> None:
+            with open(os.path.join(upload.tmp, key), "rb") as f:
+                upload.put(key, f.read())
 
         futures = [self._pool.submit(put, k) for k in sorted(keys) if k != "zarr.json"]
         wait(futures)  # all finished (or failed) before any cleanup deletes the prefix
-        objects = dict(f.result() for f in futures)
+        for f in futures:
+            f.result()
+        upload.wait(check=True)
         if root:
-            key, meta = put("zarr.json")
-            objects[key] = meta
+            put("zarr.json")
         elif "zarr.json" in keys:
-            raise CheckpointWriteError(f"{data}: only the committing process writes the root zarr.json")
-        self.last_upload = stats
-        return objects
+            raise CheckpointWriteError(f"{upload.data}: only the committing process writes the root zarr.json")
+        self.last_upload = dict(upload.stats)
+        return dict(upload.objects)
 
     def _base_record(self, name: str) -> dict | None:
         """The commit record of the run's latest other checkpoint (for an incremental save):
@@ -749,6 +752,84 @@ class ObjectStore(Store):
 
     def tag_index(self, durable: bool = True) -> ObjectTagIndex:
         return ObjectTagIndex(self)
+
+
+class _Upload:
+    """The objects of one upload (``<id>/<token>/`` under the store's prefix): chunk files sent
+    by the writer while it writes the group (:meth:`send`, the store's ``sink``: from memory,
+    never written locally), then the files written into its staging directory ``tmp`` (the
+    metadata, at commit).  A chunk whose size, CRC32C and SHA-256 equal the same key's in
+    ``base`` (the commit record of the run's previous checkpoint) is copied server-side from
+    it instead of PUT (an incremental save).  At most ``2 * workers`` sent chunks are in
+    flight: a writer thread waits for a slot, so memory stays bounded while PUTs lag."""
+
+    def __init__(self, store: ObjectStore, tmp: str, data: str, base: dict | None) -> None:
+        self.store, self.tmp, self.data, self.base = store, tmp, data, base
+        self.objects: dict[str, list] = {}
+        self.stats = {"objects_put": 0, "objects_copied": 0, "bytes_put": 0, "bytes_copied": 0}
+        self._futures: list[Future] = []
+        self._failed: BaseException | None = None  # the first sent chunk that failed
+        self._slots = threading.BoundedSemaphore(2 * store._workers)
+        self._lock = threading.Lock()
+
+    def put(self, key: str, b: bytes | memoryview) -> int:
+        """PUT (or copy from the base) one object of the upload now; returns the bytes PUT."""
+        meta = [len(b), _crc.crc32c(b), hashlib.sha256(b).hexdigest()]
+        copied, sent = False, 0
+        if self.base is not None and self.base["objects"].get(key) == meta and not key.endswith("zarr.json"):
+            src, dst = f"{self.base['data']}/{key}", f"{self.data}/{key}"
+            try:
+                self.store._call(f"COPY {key}", self.store._obs.copy, src, dst)
+                copied = True
+            except (_Missing, StoreUnavailableError):
+                pass  # the base was deleted meanwhile, or the store cannot copy: PUT it
+        if not copied:
+            self.store._put(f"{self.data}/{key}", b)
+            sent = len(b)
+        with self._lock:
+            self.objects[key] = meta
+            self.stats["objects_copied" if copied else "objects_put"] += 1
+            self.stats["bytes_copied" if copied else "bytes_put"] += len(b)
+        return sent
+
+    def send(self, path: str, bufs: list) -> int:
+        """The sink: one chunk file (``path`` under ``tmp``) from the writer, PUT in the
+        store's pool while the writer goes on; a failure is raised by the next send or at
+        commit.  Returns its size (what a save counts as written)."""
+        self.check()
+        key = os.path.relpath(path, self.tmp).replace(os.sep, "/")
+        body = b"".join(bufs)  # the chunk and its CRC as one body (the only copy, 4 MiB at most)
+        self._slots.acquire()
+        try:
+            future = self.store._pool.submit(self.put, key, body)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(self._done)
+        with self._lock:
+            self._futures.append(future)
+        return len(body)
+
+    def _done(self, future: Future) -> None:
+        self._slots.release()
+        e = future.exception()
+        if e is not None:
+            with self._lock:
+                self._failed = self._failed or e
+
+    def check(self) -> None:
+        """Raise the first failure of a sent chunk, if one has failed by now."""
+        if self._failed is not None:
+            raise self._failed
+
+    def wait(self, check: bool = False) -> None:
+        """Wait for every sent chunk; ``check``: raise the first failure."""
+        with self._lock:
+            futures = list(self._futures)
+        wait(futures)
+        if check:
+            for f in futures:
+                f.result()
 
 
 class _Lease:
