@@ -17,6 +17,7 @@ import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -176,6 +177,9 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._slots = threading.BoundedSemaphore(max_conns)
         self._lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        """The most requests the proxy held at once (received, not yet answered)."""
 
     def __enter__(self) -> FaultProxy:
         proxy = self
@@ -222,6 +226,16 @@ class FaultProxy:
         line = rfile.readline()
         if not line:
             return False
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return self._relay_request(line, rfile, conn)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _relay_request(self, line: bytes, rfile, conn) -> bool:
         if self.delay:
             time.sleep(self.delay)  # a network round trip
         method, path, _ = line.decode("latin-1").split(" ", 2)
@@ -310,8 +324,8 @@ class DroppingProxy(FaultProxy):
     server but closes the client's connection instead of relaying the response: the failure
     of a PUT whose outcome the client cannot know."""
 
-    def __init__(self, port: int, drop=lambda method, path: False, delay: float = 0.0) -> None:
-        super().__init__(port, [Fault(drop, "drop", times=None)], delay=delay)
+    def __init__(self, port: int, drop=lambda method, path: False, delay: float = 0.0, **kw: Any) -> None:
+        super().__init__(port, [Fault(drop, "drop", times=None)], delay=delay, **kw)
 
     @property
     def dropped(self) -> int:

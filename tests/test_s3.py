@@ -438,6 +438,22 @@ def test_a_save_streams_its_chunks_from_memory_into_puts(s3_url, s3_server):
     assert written[0] < 1 << 20 and written[1] >= state["w"].nbytes, written
 
 
+def test_opening_a_checkpoint_fetches_its_metadata_many_at_once(s3_url, s3_server):
+    """A fresh manager opening a 40-leaf checkpoint (lazily: no chunk read) through a proxy
+    adding a round trip to every request fetches the leaves' zarr.json files many at once,
+    not one round trip each (the proxy counts the requests it holds at the same time)."""
+    from s3server import DroppingProxy
+
+    state = {f"leaf{i:02d}": np.full(10, float(i)) for i in range(40)}
+    mgr = CheckpointManager(s3_url, pack_max_bytes=0)  # a zarr.json per leaf
+    cid = mgr.create_checkpoint("meta", 1, state)
+    with DroppingProxy(s3_server.port, delay=0.05) as proxy:
+        fresh = CheckpointManager(ObjectStore(s3_url, endpoint=proxy.endpoint))
+        leaves = fresh.open_checkpoint(cid).state  # every leaf's metadata, no chunk
+        assert proxy.max_in_flight >= 8, proxy.max_in_flight
+        assert float(leaves["leaf39"][3]) == 39.0
+
+
 def test_incremental_saves_copy_unchanged_chunks_server_side(s3_url, s3_server):
     """The run's next checkpoint copies (server-side) the chunks whose size, CRC32C and SHA-256
     equal its previous checkpoint's, and PUTs the rest; each checkpoint stands alone after the

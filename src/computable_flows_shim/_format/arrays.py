@@ -115,6 +115,12 @@ class Mirror(Protocol):
         recorded): equal digests are the same bytes (an unchanged chunk's server-side copy)."""
         ...
 
+    def prefetch(self, prefix: str) -> None:
+        """Fetch every metadata file under ``prefix`` not fetched yet, many at once (a reader
+        about to open all of them one by one would otherwise wait one round trip each);
+        failures are left to the reads that follow, which raise them with their context."""
+        ...
+
 
 def mirror_rel(mirror: Mirror | None, path: str) -> str | None:
     """``path`` relative to the mirror's root (``/``-separated), or None outside any mirror."""

@@ -449,6 +449,9 @@ def state_leaves(
     load does, to find damage anywhere in the metadata)."""
     state_dir = os.path.join(dirpath, S.STATE_GROUP)
     packed_dir = os.path.join(dirpath, S.PACKED_GROUP)
+    if mirror is not None:  # every array's zarr.json is opened below: fetch them all at once
+        for group in (S.STATE_GROUP, S.PACKED_GROUP):
+            mirror.prefetch(group + "/")
     out: list[tuple[tuple, dict, Stored | None]] = []
     verified: set[str] = set()
     packs: dict[str, StoredArray] = {}
@@ -569,6 +572,8 @@ def _multi_device(expected: Any) -> bool:
 def read_telemetry(dirpath: str, checkpoint: str, mirror: Mirror | None = None) -> dict:
     """The telemetry history: ``{column: 1-D array, ..., "events": [dict, ...]}``."""
     tdir = os.path.join(dirpath, S.TELEMETRY_GROUP)
+    if mirror is not None:
+        mirror.prefetch(S.TELEMETRY_GROUP + "/")
     names = _telemetry_names(tdir, checkpoint, mirror)
     stored = [open_array(tdir, n, f"checkpoint {checkpoint!r}, telemetry column {n!r}", mirror) for n in names]
     cols = dict(zip(names, read_arrays(stored)))

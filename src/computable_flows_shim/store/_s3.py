@@ -99,6 +99,7 @@ hangs is cut off and retried within ``DEFAULT_RETRY_CONFIG``."""
 TRANSPORT_RETRIES = 3
 """Retries, with backoff from 0.1 s, of what obstore does not retry (see ``ObjectStore._call``)."""
 _BACKOFF = 0.1
+_POOL_NAME = "cfs-s3"
 _TOKEN_RE = re.compile(r"^[0-9a-f]{24}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_PART_RE = re.compile(r"^[A-Za-z0-9._%-]+$")
@@ -232,7 +233,7 @@ class ObjectStore(Store):
         self._exc = obs.exceptions
         self._s = obs.store.from_url(self.root_url, client_options=client_options, **options)
         self.upload_lease = float(upload_lease)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cfs-s3")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=_POOL_NAME)
         self._workers = workers
         _remove_dead_caches()
         self._cache = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
@@ -922,6 +923,13 @@ class _Mirror:
         a server-side copy of an unchanged chunk from new bytes (``CheckpointView.chunk_identity``)."""
         meta = self.rec["objects"].get(rel)
         return meta[2] if meta is not None and len(meta) > 2 else None
+
+    def prefetch(self, prefix: str) -> None:
+        if threading.current_thread().name.startswith(_POOL_NAME):
+            return  # waiting on the pool from one of its own threads could wait forever
+        keys = [k for k in self.rec["objects"] if k.startswith(prefix) and k.rsplit("/", 1)[-1] == "zarr.json"]
+        keys = [k for k in keys if not os.path.exists(os.path.join(self.root, k))]
+        wait([self.store._pool.submit(self.fetch, k) for k in keys])  # errors: raised by the reads that follow
 
 
 class ObjectTagIndex:
