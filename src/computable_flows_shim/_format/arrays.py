@@ -116,7 +116,8 @@ class Mirror(Protocol):
         ...
 
     def prefetch(self, prefix: str) -> None:
-        """Fetch every metadata file under ``prefix`` not fetched yet, many at once (a reader
+        """Fetch every array's metadata file under ``prefix`` (a group, ``/``-terminated) not
+        fetched yet, many at once (a reader
         about to open all of them one by one would otherwise wait one round trip each);
         failures are left to the reads that follow, which raise them with their context."""
         ...

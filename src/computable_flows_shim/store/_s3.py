@@ -927,7 +927,8 @@ class _Mirror:
     def prefetch(self, prefix: str) -> None:
         if threading.current_thread().name.startswith(_POOL_NAME):
             return  # waiting on the pool from one of its own threads could wait forever
-        keys = [k for k in self.rec["objects"] if k.startswith(prefix) and k.rsplit("/", 1)[-1] == "zarr.json"]
+        keys = [k for k in self.rec["objects"] if k.startswith(prefix) and k.endswith("/zarr.json")]
+        keys = [k for k in keys if k != prefix + "zarr.json"]  # the arrays' (a lazy open skips the group's)
         keys = [k for k in keys if not os.path.exists(os.path.join(self.root, k))]
         wait([self.store._pool.submit(self.fetch, k) for k in keys])  # errors: raised by the reads that follow
 
