@@ -26,10 +26,10 @@ def _read_bytes() -> int:
         return int(dict(line.split(": ") for line in f.read().splitlines())["rchar"])
 
 
-def _record(rec: TelemetryRecorder, start: int, n: int) -> None:
+def _record(rec: TelemetryRecorder, start: int, n: int, shift: float = 0.0) -> None:
     for i in range(start, start + n):
         rec.record(
-            i, E=1.0 / (i + 1), grad_norm=float(i % 7), alpha=0.1, phase=PHASES[i % 3],
+            i, E=1.0 / (i + 1) + shift, grad_norm=float(i % 7), alpha=0.1, phase=PHASES[i % 3],
             sparsity_wx=0.5, eta_dd=0.01, gamma=0.2,
         )  # fmt: skip
 
@@ -152,6 +152,40 @@ def test_an_async_save_of_a_log_while_it_grows(tmp_path):
     with pytest.raises(ValueError):
         history["E"][0] = 5.0  # the recorder's views are read-only
     mgr.close()
+
+
+def test_what_is_not_the_log_continued_is_compared(tmp_path):
+    """A column replaced in the history's dict, an older snapshot saved after a newer one, and
+    another run's chunk files put in place of the base (a rollback into the run after its last
+    checkpoint was deleted) are never linked unread: each save holds exactly its history."""
+    rec = TelemetryRecorder()
+    _record(rec, 0, 70_000)
+    mgr = CheckpointManager(tmp_path / "s")
+    mgr.create_checkpoint("r", 1, {"x": np.ones(4)}, {}, telemetry_history=rec.history())
+    edited = rec.history()
+    edited["E"] = np.asarray(edited["E"]) + 1.0  # the caller's own column now
+    cid = mgr.create_checkpoint("r", 2, {"x": np.ones(4)}, {}, telemetry_history=edited)
+    _saved_equals(mgr, cid, edited)
+    assert mgr.load_checkpoint(cid)["telemetry_summary"] == T.summarize(*T.normalize(dict(edited)), 2)
+
+    older = rec.history()
+    _record(rec, 70_000, 10)
+    mgr.create_checkpoint("r", 3, {"x": np.ones(4)}, {}, telemetry_history=rec.history())
+    cid = mgr.create_checkpoint("r", 4, {"x": np.ones(4)}, {}, telemetry_history=older)
+    _saved_equals(mgr, cid, older)
+
+    other = TelemetryRecorder()  # run "o": the same iterations, other energies
+    _record(other, 0, 70_000, shift=5.0)
+    mgr.create_checkpoint("o", 5, {"x": np.ones(4)}, {}, telemetry_history=other.history())
+    rec2 = TelemetryRecorder()
+    _record(rec2, 0, 70_000)
+    mgr.create_checkpoint("b", 5, {"x": np.ones(4)}, {}, telemetry_history=rec2.history())
+    mgr.delete_checkpoint("b-i000000000005")
+    mgr.rollback_to_checkpoint("o-i000000000005", "b", 5)  # "b"'s base is now "o"'s files
+    _record(rec2, 70_000, 10)
+    history = rec2.history()
+    cid = mgr.create_checkpoint("b", 6, {"x": np.ones(4)}, {}, telemetry_history=history)
+    _saved_equals(mgr, cid, history)
 
 
 @pytest.mark.parametrize("split", [0, 1, 3, 5, 9, 10])

@@ -415,7 +415,7 @@ Sink = Callable[[str, list], int]
 """Where a store whose commit uploads the staging directory sends chunk files instead of
 writing them there: ``sink(path, bufs)`` takes the file's path under the staging directory
 and its bytes (buffers to concatenate, which it must not keep past the save) and returns
-the bytes sent (0 for an object copied server-side)."""
+the file's size (what the save counts as written; the store counts its own PUTs and copies)."""
 
 
 def store_chunk(

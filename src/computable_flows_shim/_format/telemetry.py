@@ -38,6 +38,21 @@ class AppendOnlyHistory(dict):
     def __init__(self, columns: Mapping[str, Any], log: object) -> None:
         super().__init__(columns)
         self.log = log
+        self.handed_out = {k: v for k, v in columns.items() if k != "events"}
+        """The column arrays the log handed out: a column replaced in the dict since is not the log's."""
+
+    def logged(self, name: str) -> bool:
+        """Whether column ``name`` is still the array the log handed out."""
+        return name in self.handed_out and self.get(name) is self.handed_out[name]
+
+    @property
+    def samples(self) -> int:
+        return min((len(v) for v in self.handed_out.values()), default=0)
+
+    @property
+    def intact(self) -> bool:
+        """Every column is the one the log handed out, and no other was added."""
+        return set(self) - {"events"} == set(self.handed_out) and all(map(self.logged, self.handed_out))
 
 
 @dataclass(frozen=True)
@@ -52,13 +67,16 @@ class LogMark:
 
     @classmethod
     def of(cls, history: Any, checkpoint: str, summary: dict) -> LogMark | None:
-        if not isinstance(history, AppendOnlyHistory):
+        if not isinstance(history, AppendOnlyHistory) or not history.intact:
             return None
         return cls(checkpoint, history.log, int(summary.get("samples", 0)), summary)
 
     def continued_by(self, history: Any) -> bool:
-        """Whether ``history`` continues the log this mark saved from."""
-        return isinstance(history, AppendOnlyHistory) and history.log is self.log
+        """Whether ``history`` continues the log this mark saved from (an earlier snapshot of
+        it, with fewer samples, does not)."""
+        if not isinstance(history, AppendOnlyHistory) or history.log is not self.log or not history.intact:
+            return False
+        return history.samples >= self.samples
 
 
 def _column(name: str, values: Any, start: int = 0) -> np.ndarray:

@@ -144,7 +144,7 @@ class _Array:
     dims: list[str]
     attrs: dict
     compression: Compression | None = None  # asked for; ``layout.codec`` is what is written
-    logged: bool = False  # a column of an append-only log: never written to again (not copied)
+    logged: object = None  # the append-only log whose column this is (never written to again: not copied)
     trusted: int = 0  # leading elements known identical to the base checkpoint's (a log's earlier save)
 
 
@@ -182,18 +182,20 @@ def _state_arrays(leaves: list[Leaf], compression: LeafPolicy | None = None, pac
 
 
 def _telemetry_arrays(
-    cols: dict[str, np.ndarray], events: list[dict], logged: bool = False, trusted: int = 0
+    cols: dict[str, np.ndarray], events: list[dict], log: object = None, logged: Any = (), trusted: int = 0
 ) -> list[_Array]:
-    """The columns along ``iter`` (``logged``: of an append-only log, their first ``trusted``
-    samples saved into the base checkpoint already), then the event columns."""
+    """The columns along ``iter``, then the event columns.  ``logged``: the names of columns
+    of the append-only log ``log``, whose first ``trusted`` samples the base checkpoint's
+    save of that log wrote."""
     out = []
     for dim, group in ((S.T_SAMPLE_DIM, cols), (S.T_EVENT_DIM, T.event_columns(events))):
         for name, col in group.items():
             dtype = None if col.dtype == object else col.dtype
             layout = Layout(col.shape, dtype, (max(1, min(TELEMETRY_CHUNK, len(col))),))
             data = col if dtype is None else np.require(col, requirements="C")
-            log = logged and dim == S.T_SAMPLE_DIM
-            out.append(_Array(f"{S.TELEMETRY_GROUP}/{name}", data, layout, [dim], {}, None, log, trusted if log else 0))
+            of_log = log if dim == S.T_SAMPLE_DIM and name in logged else None
+            arr = _Array(f"{S.TELEMETRY_GROUP}/{name}", data, layout, [dim], {}, None, of_log, trusted if of_log else 0)
+            out.append(arr)
     return out
 
 
@@ -226,11 +228,15 @@ class Prepared:
         cols, events = T.normalize(telemetry_history, prior)
         summary = T.summarize(cols, events, attrs[S.A_ITERATION], prior)
         attrs = {**attrs, S.A_TELEMETRY_SUMMARY: summary, S.A_TREE: tree}
-        logged = isinstance(telemetry_history, T.AppendOnlyHistory)
+        log, logged = None, []
+        if isinstance(telemetry_history, T.AppendOnlyHistory):
+            log, logged = telemetry_history.log, [n for n in cols if telemetry_history.logged(n)]
         trusted = prior.samples if prior is not None else 0
-        arrays = _state_arrays(leaves, compression, pack_max_bytes) + _telemetry_arrays(cols, events, logged, trusted)
+        arrays = _state_arrays(leaves, compression, pack_max_bytes) + _telemetry_arrays(
+            cols, events, log, logged, trusted
+        )
         if copy:  # the snapshot of an async save: numpy copies release the GIL, so copy in parallel
-            plain = [a for a in arrays if isinstance(a.data, np.ndarray) and not a.logged]
+            plain = [a for a in arrays if isinstance(a.data, np.ndarray) and a.logged is None]
             sizes = [a.data.nbytes for a in plain]
             copies = run_batched([partial(np.array, a.data, copy=True) for a in plain], sizes)
             for a, c in zip(plain, copies):
@@ -364,23 +370,26 @@ def _write_one(
     return [(coords, *write_chunk(data, layout, coords, adir, durable, base, sink))]
 
 
-_LOGGED: set[tuple[int, int, int, int]] = set()
-"""The identities (as :data:`_WRITTEN`) of the chunk files of append-only log columns this
-process wrote or linked: a later save of the same log links such a file without reading it,
-and only such a file (one replaced since has another identity)."""
+_LOGGED: dict[tuple[int, int, int, int], tuple[object, str, tuple[int, ...]]] = {}
+"""The chunk files of append-only log columns this process wrote or linked, by identity (as
+:data:`_WRITTEN`): which log, column (array path) and chunk each holds.  A later save of the
+same log links such a file without reading it, and only a file holding that log's same
+column and chunk (one replaced since, or another run's, has another identity or entry)."""
 
 
-def _link_logged(src: str, dst: str, durable: bool) -> bool:
-    """Hard-link ``src`` as ``dst`` if it is a log chunk file this process wrote (see
-    :data:`_LOGGED`); False when it is not, or cannot be linked.  A durable save syncs it first
-    (the base may have been saved with ``durable=False``); a failed sync raises."""
+def _link_logged(src: str, dst: str, durable: bool, holds: tuple[object, str, tuple[int, ...]]) -> bool:
+    """Hard-link ``src`` as ``dst`` if it is the chunk file ``holds`` (log, column, chunk)
+    this process wrote (see :data:`_LOGGED`); False when it is not, or cannot be linked.  A
+    durable save syncs it first (the base may have been saved with ``durable=False``); a
+    failed sync raises."""
     try:
         fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False
     try:
         identity = _file_identity(os.fstat(fd))
-        if identity not in _LOGGED:
+        entry = _LOGGED.get(identity)
+        if entry is None or entry[0] is not holds[0] or entry[1:] != holds[1:]:
             return False
         if durable:
             _platform.sync_data(fd)
@@ -405,14 +414,15 @@ def _write_logged(
     file is remembered for the next save."""
     path = os.path.join(adir, arr.layout.key(coords))
     end = (coords[0] + 1) * arr.layout.chunk_shape[0]
-    if base is not None and end <= arr.trusted and _link_logged(base[0], path, durable):
+    holds = (arr.logged, arr.path, coords)
+    if base is not None and end <= arr.trusted and _link_logged(base[0], path, durable, holds):
         return [(coords, base[1], 0)]
     out = _write_one(arr.data, arr.layout, coords, adir, durable, base, sink)  # type: ignore[arg-type]
     if sink is not None:
         return out  # sent, not written here: nothing to link next time
     if len(_LOGGED) >= _WRITTEN_MAX:
         _LOGGED.clear()
-    _LOGGED.add(_file_identity(os.stat(path, follow_symlinks=False)))
+    _LOGGED[_file_identity(os.stat(path, follow_symlinks=False))] = holds
     return out
 
 
@@ -519,7 +529,7 @@ def write_chunks(
                 owners.append(arr)
             continue
         for coords, base in zip(arr.layout.coords(), bases):
-            if arr.logged:
+            if arr.logged is not None:
                 tasks.append(partial(_write_logged, arr, coords, adir, durable, base, sink))
             elif coords != skip:
                 tasks.append(partial(_write_one, arr.data, arr.layout, coords, adir, durable, base, sink))

@@ -476,7 +476,7 @@ class ObjectStore(Store):
 
         try:
             lease.acquire()  # the marker before any object of the upload
-            upload = self._uploads[tmp] = _Upload(self, tmp, data, self._base_record(name))
+            upload = self._uploads[tmp] = _Upload(self, name, tmp, data, self._base_record(name))
             yield tmp, commit
         finally:
             if upload is not None:
@@ -504,7 +504,7 @@ class ObjectStore(Store):
             raise CheckpointWriteError(f"saving checkpoint {name!r}: {ref!r} is not an upload token")
         os.makedirs(os.path.join(self._cache, ".staging"), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f"{name}.{ref}.", dir=os.path.join(self._cache, ".staging"))
-        upload = self._uploads[tmp] = _Upload(self, tmp, f"{name}/{ref}", self._base_record(name))
+        upload = self._uploads[tmp] = _Upload(self, name, tmp, f"{name}/{ref}", self._base_record(name))
         try:
             yield tmp, partial(self._upload_files, upload, root=False)
         finally:
@@ -578,6 +578,7 @@ class ObjectStore(Store):
             with open(os.path.join(upload.tmp, key), "rb") as f:
                 upload.put(key, f.read())
 
+        upload.check()  # a chunk that failed: nothing more to send
         futures = [self._pool.submit(put, k) for k in sorted(keys) if k != "zarr.json"]
         wait(futures)  # all finished (or failed) before any cleanup deletes the prefix
         for f in futures:
@@ -764,8 +765,8 @@ class _Upload:
     it instead of PUT (an incremental save).  At most ``2 * workers`` sent chunks are in
     flight: a writer thread waits for a slot, so memory stays bounded while PUTs lag."""
 
-    def __init__(self, store: ObjectStore, tmp: str, data: str, base: dict | None) -> None:
-        self.store, self.tmp, self.data, self.base = store, tmp, data, base
+    def __init__(self, store: ObjectStore, name: str, tmp: str, data: str, base: dict | None) -> None:
+        self.store, self.name, self.tmp, self.data, self.base = store, name, tmp, data, base
         self.objects: dict[str, list] = {}
         self.stats = {"objects_put": 0, "objects_copied": 0, "bytes_put": 0, "bytes_copied": 0}
         self._futures: list[Future] = []
@@ -802,6 +803,7 @@ class _Upload:
         body = b"".join(bufs)  # the chunk and its CRC as one body (the only copy, 4 MiB at most)
         self._slots.acquire()
         try:
+            self.check()  # (a failure while this thread waited for a slot)
             future = self.store._pool.submit(self.put, key, body)
         except BaseException:
             self._slots.release()
@@ -821,16 +823,21 @@ class _Upload:
     def check(self) -> None:
         """Raise the first failure of a sent chunk, if one has failed by now."""
         if self._failed is not None:
-            raise self._failed
+            e = self._failed
+            raise CheckpointWriteError(f"saving checkpoint {self.name!r} failed, nothing was committed: {e}") from e
 
     def wait(self, check: bool = False) -> None:
         """Wait for every sent chunk; ``check``: raise the first failure."""
         with self._lock:
             futures = list(self._futures)
         wait(futures)
-        if check:
+        if check:  # from the futures themselves: their done-callbacks may not have run yet
             for f in futures:
-                f.result()
+                e = f.exception()
+                if e is not None:
+                    raise CheckpointWriteError(
+                        f"saving checkpoint {self.name!r} failed, nothing was committed: {e}"
+                    ) from e
 
 
 class _Lease:
