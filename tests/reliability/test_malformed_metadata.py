@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from computable_flows_shim import ComputableFlowsError
-from computable_flows_shim._format import reader as _reader
 from computable_flows_shim._format import root as _root
+from computable_flows_shim._format import stored as _stored
 from computable_flows_shim._format import telemetry as _telemetry
 from computable_flows_shim._format.arrays import Layout, array_metadata, loads_metadata, parse_array
 from computable_flows_shim._format.tree import flatten, iter_leaf_nodes, scalar_value, unflatten
@@ -220,7 +220,7 @@ def check_root(doc: dict, raw: bytes, state_dir: str) -> None:
     def leaf(kp, node):
         if node["kind"] == "scalar":
             return scalar_value(node, "where")
-        return _reader._safe_join(os.path.join(state_dir, "state"), node["path"], "where")
+        return _stored.safe_join(os.path.join(state_dir, "state"), node["path"], "where")
 
     list(iter_leaf_nodes(attrs["pytree"]))
     unflatten(attrs["pytree"], leaf)

@@ -8,7 +8,7 @@ its data type (a multiple of :data:`~computable_flows_shim._format.spec.PACK_ALI
 zeros in between) and writes its place into its pytree node; :class:`PackedData` hands out
 each pack chunk's bytes without first copying the leaves into one buffer.
 
-Reading is ``reader.PackedLeaf``: a leaf in a pack with the interface of a stored array of one
+Reading is ``stored.PackedLeaf``: a leaf in a pack with the interface of a stored array of one
 chunk (the whole leaf), so that every reader (eager, lazy slices, dask, diff, export) reads it
 as any other leaf; an eager load reads each pack once and hands out views of it, each 64-byte
 aligned (JAX on the CPU adopts them without a copy)."""

@@ -18,7 +18,7 @@ from computable_flows_shim import _display as _repr
 from computable_flows_shim._format import reader as _reader
 from computable_flows_shim._format import spec as S
 from computable_flows_shim._format.arrays import Mirror, mirror_rel
-from computable_flows_shim._format.reader import PackedLeaf, Stored, StoredArray
+from computable_flows_shim._format.stored import PackedLeaf, Stored, StoredArray, read_region
 from computable_flows_shim._format.tree import KeyPath, keystr, scalar_value, unflatten
 from computable_flows_shim._types import PyTree
 from computable_flows_shim.errors import (
@@ -102,7 +102,7 @@ class LazyArray:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         with deleted_while_reading(*self._checkpoint) if self._checkpoint else nullcontext():
-            out, n = _reader.read_region(self._s, key, self.name)
+            out, n = read_region(self._s, key, self.name)
         self.chunks_read += n
         return out
 
